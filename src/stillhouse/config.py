@@ -1,0 +1,310 @@
+"""The one config: `stillhouse.yaml`, validated by typed models.
+
+Precedence: defaults < YAML < `--set key=value` (values parsed as YAML). Unknown keys and bad values are
+errors naming the key and what is allowed. Every stage reads its own section; the resolved config is saved
+in each stage's manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stillhouse.errors import StillhouseError
+
+CONFIG_NAME = "stillhouse.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AdaptConfig(Section):
+    """Fine-tune the teacher on the task first (cross-entropy on labeled train records), so it is a good teacher."""
+
+    enabled: bool = False
+    steps: int = Field(60, ge=1, description="optimizer steps")
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+
+
+class TeacherConfig(Section):
+    """The large model whose behaviour the student learns."""
+
+    model: str = Field("asset:smollm2-135m-instruct", description="HF folder, .gguf file, or asset:NAME")
+    sha256: str | None = Field(None, description="expected sha256 of a .gguf file (checked before use)")
+    trust_remote_code: bool = False
+    adapt: AdaptConfig = AdaptConfig()
+
+
+class StudentConfig(Section):
+    """The small model. Either `model` (a folder/GGUF) or `derive_layers` (keep that many teacher layers)."""
+
+    model: str | None = None
+    derive_layers: int | list[int] | None = Field(
+        6, description="derive the student from the teacher by keeping N evenly spaced layers (or these indices)"
+    )
+    trust_remote_code: bool = False
+
+
+class LicenseConfig(Section):
+    """License gate decisions, recorded in the check manifest."""
+
+    accept: list[str] = Field(default_factory=list, description="custom licenses accepted by name, e.g. [gemma, llama3]")
+    non_commercial_use: bool = Field(False, description="declare that this project is non-commercial (cc-by-nc-*)")
+
+
+class TableMapping(Section):
+    """How rows of a CSV/JSONL file become records."""
+
+    pattern: str = Field(description="glob matched against source file names, e.g. 'intents*.jsonl'")
+    task: Literal["classification", "qa", "summarization", "extraction", "text"] = "classification"
+    input: str = Field("text", description="column holding the input text")
+    output: str | None = Field("label", description="column holding the answer (empty -> unlabeled)")
+    system_prompt: str | None = None
+
+
+class PrepConfig(Section):
+    """Turn documents and tickets into instruction-response records."""
+
+    sources: list[str] = Field(default_factory=lambda: ["sources"], description="files/folders, relative to the workspace")
+    tables: list[TableMapping] = Field(default_factory=list)
+    min_chars: int = Field(20, ge=0)
+    chunk_chars: int = Field(600, ge=100, description="documents are cut into sections of about this many characters")
+    near_dup_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity above which texts are near-duplicates")
+    pii_action: Literal["mask", "pseudonymize", "keep"] = "mask"
+    max_sensitivity: Literal["public", "internal", "confidential", "restricted"] = Field(
+        "confidential", description="records labelled above this are dropped"
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    review_sample_size: int = Field(50, ge=0)
+    seed: int = 0
+
+
+class LabelConfig(Section):
+    """Capture the teacher's soft labels once."""
+
+    mode: Literal["auto", "token", "sequence"] = Field("auto", description="auto: token-level if tokenizers match")
+    topk: int = Field(32, ge=1)
+    temperature: float = Field(2.0, gt=0)
+    batch_size: int = Field(16, ge=1)
+    max_seq_len: int = Field(256, ge=8)
+    records_per_shard: int = Field(256, ge=1)
+    generate_unlabeled: bool = Field(True, description="teacher writes responses for records without one")
+    max_new_tokens: int = Field(16, ge=1)
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainConfig(Section):
+    """The distillation loop."""
+
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term; (1 - alpha) weights cross-entropy")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    eval_every_steps: int = Field(25, ge=1)
+    early_stopping_patience: int = Field(0, ge=0, description="stop after N evals without improvement (0: never)")
+    keep_checkpoints: int = Field(2, ge=1)
+    loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of LM head + loss")
+    lora: LoraConfig = LoraConfig()
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    """Compare teacher, student and baselines on the test split."""
+
+    max_examples: int = Field(200, ge=1)
+    min_retention: float = Field(0.0, ge=0, description="gate: student score / teacher score per task")
+    max_new_tokens: int = Field(16, ge=1)
+    bootstrap_samples: int = Field(1000, ge=0)
+
+
+class RedteamConfig(Section):
+    """Does the student leak training secrets or PII?"""
+
+    max_probes: int = Field(50, ge=0)
+    max_new_tokens: int = Field(24, ge=1)
+    fail_on_leak: bool = True
+
+
+class ExportConfig(Section):
+    formats: list[Literal["safetensors"]] = Field(default_factory=lambda: ["safetensors"])
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model_name: str = "student"
+    max_tokens: int = Field(256, ge=1)
+    max_prompt_chars: int = Field(8000, ge=1)
+    no_auth: bool = False
+
+
+class MonitorConfig(Section):
+    drift_threshold: float = Field(0.2, gt=0, description="population stability index above which inputs drifted")
+    min_requests: int = Field(5, ge=1)
+
+
+class Config(Section):
+    """Everything a workspace needs. `workspace` is filled in by the loader, not read from YAML."""
+
+    project: str = "stillhouse"
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    license: LicenseConfig = LicenseConfig()
+    prep: PrepConfig = PrepConfig()
+    label: LabelConfig = LabelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    redteam: RedteamConfig = RedteamConfig()
+    export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+    workspace: Path = Field(Path("."), exclude=True)
+
+    def path(self, p: str | Path) -> Path:
+        """A path from the config, resolved against the workspace."""
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else self.workspace / p
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """`["train.steps=50", "license.accept=[gemma]"]` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise StillhouseError(f"--set {item!r}: expected section.key=value, e.g. --set train.steps=50")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names allowed at `loc` (the parent of an unknown key)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return sorted(k for k, f in model.model_fields.items() if not f.exclude)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Config, loc[:-1])
+            lines.append(f"{source}: unknown key '{key}'; allowed here: {', '.join(allowed)}")
+        else:
+            lines.append(f"{source}: '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def validate(data: dict, workspace: Path, source: str) -> Config:
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        raise StillhouseError(format_validation_error(err, source)) from None
+    cfg.workspace = workspace
+    return cfg
+
+
+def load_config(workspace: str | Path = ".", overrides: list[str] | None = None, *, required: bool = True) -> Config:
+    """Read `WORKSPACE/stillhouse.yaml`, apply `--set` overrides, validate."""
+    workspace = Path(workspace).expanduser().resolve()
+    path = workspace / CONFIG_NAME
+    data: dict = {}
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise StillhouseError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix it or re-create it with `stillhouse init`") from None
+        if not isinstance(data, dict):
+            raise StillhouseError(f"{path}: expected a mapping of sections (teacher:, student:, ...); re-create it with `stillhouse init`")
+    elif required:
+        raise StillhouseError(f"{path} not found; create one with `stillhouse -w {workspace} init`")
+    return validate(_merge(data, parse_overrides(overrides)), workspace, str(path.name) + (" + --set" if overrides else ""))
+
+
+def config_yaml_template() -> str:
+    """A commented stillhouse.yaml with every section and its defaults."""
+    lines = [
+        "# stillhouse.yaml: the one config of this workspace. Every stage reads its own section.",
+        "# Precedence: defaults < this file < `--set section.key=value` on the command line.",
+        "# Unknown keys are errors. Paths are relative to this folder.",
+        "",
+    ]
+    defaults = Config().model_dump(mode="json")
+
+    def emit(model: type[BaseModel], data: dict, indent: int) -> None:
+        pad = "  " * indent
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            value = data[name]
+            doc = field.description
+            ann = field.annotation
+            sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            if sub is not None and isinstance(value, dict):
+                if sub.__doc__ and indent == 0:
+                    lines.append(f"{pad}# {sub.__doc__.strip().splitlines()[0]}")
+                lines.append(f"{pad}{name}:")
+                emit(sub, value, indent + 1)
+                if indent == 0:
+                    lines.append("")
+                continue
+            rendered = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()[1:-1]
+            lines.append(f"{pad}{rendered}" + (f"  # {doc}" if doc else ""))
+
+    emit(Config, defaults, 0)
+    return "\n".join(lines).rstrip() + "\n"
