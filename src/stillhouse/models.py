@@ -275,3 +275,13 @@ def tiny_random_model(tokenizer, num_layers: int = 4, hidden_size: int = 64, see
     model = LlamaForCausalLM(config)
     model.eval()
     return model
+
+
+def teacher_source(cfg) -> ModelSource:
+    """The teacher every stage after `adapt` uses: the adapted one (`teacher/best`) when adaptation is on."""
+    if cfg.teacher.adapt.enabled:
+        best = Path(cfg.workspace) / "teacher" / "best"
+        if not (best / "config.json").exists():
+            raise StillhouseError(f"teacher.adapt.enabled is on but {best} does not exist; run `stillhouse -w {cfg.workspace} run` (or the adapt step) first")
+        return resolve_model(str(best))
+    return resolve_model(cfg.teacher.model, cfg.workspace, cfg.teacher.sha256)

@@ -1,0 +1,280 @@
+"""The `stillhouse` command: one subcommand per stage, each a thin wrapper over that stage's `run(cfg)`.
+
+Exit codes: 0 done, 1 a gate said no (license, eval threshold, redteam), 2 bad input or config (one clear line on
+stderr; a traceback only with --debug), 130 interrupted (re-run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import stillhouse  # noqa: F401  (forces the offline environment before anything imports transformers)
+
+import click
+import typer
+
+from stillhouse.config import CONFIG_NAME, config_yaml_template, load_config
+from stillhouse.errors import StillhouseError
+from stillhouse.ui import console
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+    help="Distill a large language model into a small one, entirely on your own servers.\n\n"
+         "Example: [bold]stillhouse -w my-project init[/] then [bold]stillhouse -w my-project run[/]",
+)
+student_app = typer.Typer(no_args_is_help=True, help="Student utilities.")
+app.add_typer(student_app, name="student")
+
+_STATE = {"workspace": Path("."), "debug": False}
+SetOpt = typer.Option(None, "--set", help="override a config value: --set train.steps=50 (YAML value, repeatable)")
+
+
+@app.callback()
+def _main(
+    workspace: Path = typer.Option(Path("."), "-w", "--workspace", help="the project folder (holds stillhouse.yaml)"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+):
+    _STATE["workspace"] = workspace
+    _STATE["debug"] = debug
+
+
+def _cfg(overrides: Optional[List[str]]):
+    return load_config(_STATE["workspace"], overrides)
+
+
+def _stage(name: str, overrides, **kwargs):
+    from stillhouse.pipeline import stage_functions
+
+    return stage_functions()[name](_cfg(overrides), **kwargs)
+
+
+@app.command()
+def init(force: bool = typer.Option(False, "--force", help="overwrite an existing stillhouse.yaml")):
+    """Create WORKSPACE/stillhouse.yaml with every section, commented.
+
+    Example: stillhouse -w my-project init
+    """
+    ws = _STATE["workspace"]
+    path = ws / CONFIG_NAME
+    if path.exists() and not force:
+        raise StillhouseError(f"{path} already exists; edit it, or pass --force to replace it")
+    try:
+        ws.mkdir(parents=True, exist_ok=True)
+        from stillhouse.workspace import atomic_write_text
+
+        atomic_write_text(path, config_yaml_template())
+        (ws / "sources").mkdir(exist_ok=True)
+    except OSError as e:
+        raise StillhouseError(f"cannot write {path} ({e.strerror}); choose a writable folder with -w") from None
+    console.print(f"wrote {path}; put documents in {ws / 'sources'} and run `stillhouse -w {ws} run`")
+
+
+@app.command()
+def check(set_: Optional[List[str]] = SetOpt):
+    """License gate, tokenizer compatibility and hardware plan for the teacher and student.
+
+    Example: stillhouse -w my-project check --set license.accept=[gemma]
+    """
+    _stage("check", set_)
+
+
+@app.command()
+def prep(sources: Optional[List[str]] = typer.Argument(None, help="files or folders (default: prep.sources)"),
+         set_: Optional[List[str]] = SetOpt):
+    """Documents and tickets in; clean, deduplicated, PII-masked, split records out (data/).
+
+    Example: stillhouse -w my-project prep ~/policies ~/tickets.csv
+    """
+    _stage("prep", set_, **({"sources": sources} if sources else {}))
+
+
+@app.command()
+def adapt(set_: Optional[List[str]] = SetOpt):
+    """Fine-tune the teacher on the labeled task data first (when teacher.adapt.enabled).
+
+    Example: stillhouse -w my-project adapt --set teacher.adapt.steps=100
+    """
+    _stage("adapt", set_)
+
+
+@app.command()
+def label(set_: Optional[List[str]] = SetOpt):
+    """Run the teacher once: responses for unlabeled records and top-k soft labels (labels/).
+
+    Example: stillhouse -w my-project label --set label.topk=32 --set label.temperature=2
+    """
+    _stage("label", set_)
+
+
+@app.command()
+def train(set_: Optional[List[str]] = SetOpt):
+    """Distill the teacher into the student (student/ with step-*/, best/, final/).
+
+    Example: stillhouse -w my-project train --set train.steps=200 --set train.alpha=0.5
+    """
+    _stage("train", set_)
+
+
+@app.command("eval")
+def eval_(set_: Optional[List[str]] = SetOpt):
+    """Task metrics for teacher, student and baselines; retention; latency; HTML report (eval/).
+
+    Example: stillhouse -w my-project eval --set eval.min_retention=0.9
+    """
+    _stage("eval", set_)
+
+
+@app.command()
+def redteam(set_: Optional[List[str]] = SetOpt):
+    """Probe the student for leaked PII and memorized training text (redteam/).
+
+    Example: stillhouse -w my-project redteam
+    """
+    _stage("redteam", set_)
+
+
+@app.command()
+def export(set_: Optional[List[str]] = SetOpt):
+    """Write the student for production: safetensors folder, model card, SHA256SUMS (export/).
+
+    Example: stillhouse -w my-project export --set export.dtype=fp16
+    """
+    _stage("export", set_)
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="bind address (default serve.host, 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="port (default serve.port, 8000)"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="no API key (allowed only on localhost)"),
+    new_key: bool = typer.Option(False, "--new-key", help="create an API key, print it once, and exit"),
+    set_: Optional[List[str]] = SetOpt,
+):
+    """OpenAI-compatible API for the exported student (/v1/chat/completions, /v1/completions, /v1/models).
+
+    Example: stillhouse -w my-project serve --new-key  then  stillhouse -w my-project serve --port 8000
+    """
+    from stillhouse.stages import serve as serve_stage
+
+    cfg = _cfg(set_)
+    if new_key:
+        print(serve_stage.new_api_key(cfg))
+        return
+    serve_stage.run(cfg, host=host, port=port, no_auth=no_auth)
+
+
+@app.command()
+def monitor(fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="exit 1 when inputs drifted"),
+            set_: Optional[List[str]] = SetOpt):
+    """Input and answer drift of production requests against the training data (monitor/).
+
+    Example: stillhouse -w my-project monitor --fail-on-drift
+    """
+    _stage("monitor", set_, fail_on_drift=fail_on_drift)
+
+
+@app.command("run")
+def run_(set_: Optional[List[str]] = SetOpt):
+    """Every stage in order (check, prep, adapt, label, train, eval, redteam, export); skips what is done.
+
+    Example: stillhouse -w my-project run
+    """
+    from stillhouse.pipeline import run_all
+
+    run_all(_cfg(set_))
+    console.print("[bold green]pipeline done[/]; see `stillhouse status`")
+
+
+@app.command()
+def demo(quick: bool = typer.Option(False, "--quick", help="tiny random models, same code paths, under a minute")):
+    """The whole pipeline on bundled sample data, with SmolLM2-135M-Instruct as the teacher.
+
+    Example: stillhouse demo            (creates ./stillhouse-demo)
+             stillhouse -w /tmp/d demo --quick
+    """
+    from stillhouse.demo import run_demo
+
+    ws = _STATE["workspace"]
+    if ws == Path("."):
+        ws = Path("stillhouse-demo")
+    run_demo(ws, quick=quick)
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="machine-readable")):
+    """What each stage has done, from the manifests.
+
+    Example: stillhouse -w my-project status
+    """
+    from rich.table import Table
+
+    from stillhouse.workspace import STAGES, load_manifest
+
+    ws = _STATE["workspace"]
+    rows = {s: load_manifest(ws, s) for s in STAGES}
+    if as_json:
+        print(json.dumps({s: (m and {k: m.get(k) for k in ("finished_at", "seconds", "metrics")}) for s, m in rows.items()}, default=str))
+        return
+    table = Table(title=f"stillhouse workspace {ws.resolve()}")
+    for col in ("stage", "state", "finished", "seconds", "key numbers"):
+        table.add_column(col)
+    for s, m in rows.items():
+        if m is None:
+            table.add_row(s, "[dim]not run[/]", "", "", "")
+            continue
+        metrics = m.get("metrics", {})
+        keys = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool))[:90]
+        table.add_row(s, "[green]done[/]", m.get("finished_at", ""), str(m.get("seconds", "")), keys)
+    console.print(table)
+
+
+@student_app.command("derive")
+def student_derive(
+    out: Path = typer.Argument(..., help="folder to write the student to"),
+    layers: str = typer.Option("6", help="how many layers to keep (evenly spaced), or a list like 0,5,11"),
+    set_: Optional[List[str]] = SetOpt,
+):
+    """Derive a smaller student from the teacher by keeping a subset of its layers (as DistilBERT did).
+
+    Example: stillhouse -w my-project student derive models/student-6l --layers 6
+    """
+    from stillhouse.models import count_parameters, derive_student, load_model, load_tokenizer, resolve_model, save_pretrained
+
+    cfg = _cfg(set_)
+    src = resolve_model(cfg.teacher.model, cfg.workspace, cfg.teacher.sha256)
+    spec: int | list[int] = [int(x) for x in layers.split(",")] if "," in layers else int(layers)
+    teacher = load_model(src)
+    student, kept = derive_student(teacher, spec)
+    save_pretrained(student, load_tokenizer(src), out, {"derived_from": str(src.path), "kept_layers": kept})
+    console.print(f"wrote {out}: layers {kept} of {teacher.config.num_hidden_layers}, {count_parameters(student) / 1e6:.1f}M parameters")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except StillhouseError as e:
+        if debug:
+            raise
+        print(f"stillhouse: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("stillhouse: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a bug: say so in one line; --debug shows the traceback
+        if debug:
+            raise
+        print(f"stillhouse: internal error: {type(e).__name__}: {e} (re-run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
