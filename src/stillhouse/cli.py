@@ -46,9 +46,10 @@ def _cfg(overrides: Optional[List[str]]):
 
 
 def _stage(name: str, overrides, **kwargs):
+    cfg = _cfg(overrides)  # config errors first, before the heavy imports
     from stillhouse.pipeline import stage_functions
 
-    return stage_functions()[name](_cfg(overrides), **kwargs)
+    return stage_functions()[name](cfg, **kwargs)
 
 
 @app.command()

@@ -25,6 +25,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _HASH_CACHE = ".stillhouse/hash-cache.json"
 # Never part of a stage's outputs: scratch, resume state and markers that exist only while a stage runs.
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: mkstemp creates 0600 files, we want what a plain open() would give
 _EPHEMERAL = {MANIFEST, "manifest.previous.json", "resume", ".tmp"}
 
 
@@ -41,6 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
