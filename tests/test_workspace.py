@@ -23,7 +23,7 @@ def test_skip_rerun_and_manifest_fields(tmp_path):
     for key in ("fingerprint", "config", "inputs", "outputs", "versions", "seconds", "metrics"):
         assert key in m1
     assert m1["inputs"] == {"in.txt": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}
-    assert list(m1["outputs"]) == ["prep/out.txt"]
+    assert list(m1["outputs"]) == ["data/out.txt"]
     assert m1["config"]["train"]["steps"] == cfg.train.steps
     _, skipped = fake_stage(cfg, src, {"a": 1})
     assert skipped  # unchanged
@@ -32,7 +32,7 @@ def test_skip_rerun_and_manifest_fields(tmp_path):
     src.write_text("hello world")
     m4, skipped = fake_stage(cfg, src, {"a": 2})
     assert not skipped and m4["metrics"]["chars"] == 11  # input changed
-    (tmp_path / "prep" / "out.txt").write_text("tampered")
+    (tmp_path / "data" / "out.txt").write_text("tampered")
     _, skipped = fake_stage(cfg, src, {"a": 2})
     assert not skipped  # an output changed: the manifest no longer vouches for it
 
@@ -45,7 +45,7 @@ def test_interrupted_stage_is_not_done(tmp_path):
     run = StageRun(cfg, "prep", inputs=[src], params={"changed": True})  # starts, then "crashes" before finish
     assert run.previous is None
     assert load_manifest(tmp_path, "prep") is None  # the old manifest no longer claims the stage is done
-    assert (tmp_path / "prep" / "manifest.previous.json").exists()
+    assert (tmp_path / "data" / "manifest.previous.json").exists()
 
 
 def test_atomic_write_leaves_no_temp(tmp_path):

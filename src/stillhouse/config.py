@@ -132,6 +132,11 @@ class EvalConfig(Section):
     min_retention: float = Field(0.0, ge=0, description="gate: student score / teacher score per task")
     max_new_tokens: int = Field(16, ge=1)
     bootstrap_samples: int = Field(1000, ge=0)
+    baselines: list[str] = Field(default_factory=list, description="more model folders to evaluate the same way")
+    max_latency_ms_p95: float | None = Field(None, gt=0, description="gate: student latency p95 at batch 1, ms")
+    latency_requests: int = Field(8, ge=1, description="requests timed one by one for latency (after a warm-up)")
+    max_seq_len: int = Field(512, ge=8, description="tokens per record for perplexity (prompt cut from the left)")
+    seed: int = Field(0, description="seeds the per-task sample and the bootstrap")
 
 
 class RedteamConfig(Section):
@@ -140,6 +145,11 @@ class RedteamConfig(Section):
     max_probes: int = Field(50, ge=0)
     max_new_tokens: int = Field(24, ge=1)
     fail_on_leak: bool = True
+    verbatim_samples: int = Field(50, ge=0, description="train records probed for verbatim regurgitation")
+    verbatim_threshold: float = Field(
+        0.8, gt=0, le=1, description="ROUGE-L vs the training response above which an output counts as a verbatim copy"
+    )
+    seed: int = 0
 
 
 class ExportConfig(Section):
@@ -148,17 +158,28 @@ class ExportConfig(Section):
 
 
 class ServeConfig(Section):
-    host: str = "127.0.0.1"
+    """The OpenAI-compatible HTTP API over export/model."""
+
+    host: str = Field("127.0.0.1", description="address to bind; anything but loopback requires API keys")
     port: int = Field(8000, ge=0, le=65535)
-    model_name: str = "student"
-    max_tokens: int = Field(256, ge=1)
-    max_prompt_chars: int = Field(8000, ge=1)
-    no_auth: bool = False
+    model_name: str = Field("student", description="the `model` clients send")
+    max_tokens: int = Field(256, ge=1, description="most new tokens one request may ask for (also the default)")
+    max_prompt_chars: int = Field(8000, ge=1, description="longer prompts are refused with 400")
+    no_auth: bool = Field(False, description="serve without API keys (refused unless host is loopback)")
+    max_concurrent_requests: int = Field(32, ge=1, description="requests in flight; more are refused with 429")
+    max_batch_size: int = Field(16, ge=1, description="requests decoded together in one batch")
+    batch_window_ms: float = Field(5.0, ge=0, description="how long the batcher waits for more requests to join")
 
 
 class MonitorConfig(Section):
+    """Input drift between production requests (serve/requests.jsonl) and the training data."""
+
     drift_threshold: float = Field(0.2, gt=0, description="population stability index above which inputs drifted")
-    min_requests: int = Field(5, ge=1)
+    min_requests: int = Field(5, ge=1, description="fewer requests than this -> verdict 'insufficient data'")
+    window_requests: int = Field(1000, ge=1, description="only the most recent N requests are compared")
+    oov_margin: float = Field(
+        0.1, gt=0, le=1, description="out-of-vocabulary word rate this far above the val split's counts as drift"
+    )
 
 
 class Config(Section):

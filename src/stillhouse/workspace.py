@@ -20,7 +20,7 @@ from typing import Any
 from stillhouse.errors import StillhouseError
 
 STAGES = ["check", "prep", "adapt", "label", "train", "eval", "redteam", "export", "serve", "monitor"]
-STAGE_DIRS = {"adapt": "teacher", "train": "student"}  # stage -> folder, where the name differs
+STAGE_DIRS = {"prep": "data", "adapt": "teacher", "label": "labels", "train": "student"}  # stage -> folder, where the name differs
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _HASH_CACHE = ".stillhouse/hash-cache.json"

@@ -1,0 +1,125 @@
+"""eval stage on a workspace built here: tiny random models as teacher, student and student-init."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from stillhouse.config import Config
+from stillhouse.errors import GateError
+from stillhouse.models import count_parameters, load_model, resolve_model, save_pretrained, tiny_random_model
+from stillhouse.stages import eval as eval_stage
+from stillhouse.workspace import atomic_write_json, write_jsonl
+
+LABELS = ["HassTurnOn", "HassTurnOff", "HassLightSet"]
+
+
+def _records() -> list[dict]:
+    rows = []
+    for i in range(8):
+        rows.append({"id": f"cls-{i}", "task": "classification", "messages": [
+            {"role": "user", "content": f"turn device {i} {'on' if i % 2 else 'off'}"},
+            {"role": "assistant", "content": LABELS[i % 3]}]})
+    for i in range(4):
+        rows.append({"id": f"doc-{i}", "task": "text", "messages": [
+            {"role": "user", "content": "Continue the handbook."},
+            {"role": "assistant", "content": f"Section {i}: badges are renewed every {i + 1} years at the front desk."}]})
+    rows.append({"id": "unlabeled", "task": "classification", "messages": [{"role": "user", "content": "dim it"}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval-models")
+    out = {}
+    for name, layers, seed in (("teacher", 4, 1), ("student", 2, 2)):
+        out[name] = save_pretrained(tiny_random_model(tokenizer, num_layers=layers, hidden_size=64, seed=seed), tokenizer, root / name)
+    return out
+
+
+def _workspace(root: Path, models: dict[str, Path], **eval_settings) -> Config:
+    (root / "data").mkdir(parents=True)
+    write_jsonl(root / "data" / "test.jsonl", _records())
+    shutil.copytree(models["student"], root / "student" / "best")
+    # student-init = the teacher's weights: its retention must come out exactly 1
+    shutil.copytree(models["teacher"], root / "student" / "init")
+    log = [{"step": s, "loss": 5.0 / s, "ce": 4.0 / s, "kd": 1.0 / s, "lr": 1e-3} for s in (1, 2, 3, 4)]
+    log += [{"step": 2, "val_score": 0.2, "val_loss": 3.0}, {"step": 4, "val_score": 0.4, "val_loss": 2.5}]
+    (root / "student" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"step": 5, "lo')
+    atomic_write_json(root / "student" / "manifest.json", {"stage": "train"})
+    settings = dict(max_examples=5, max_new_tokens=4, bootstrap_samples=200, latency_requests=2)
+    cfg = Config.model_validate({"teacher": {"model": str(models["teacher"])}, "eval": {**settings, **eval_settings}})
+    cfg.workspace = root
+    return cfg
+
+
+def test_eval_results_report_and_skip(tmp_path, models, tiny_model_dir):
+    cfg = _workspace(tmp_path, models, baselines=[str(tiny_model_dir)])
+    manifest = eval_stage.run(cfg)
+    out = tmp_path / "eval"
+    results = json.loads((out / "results.json").read_text())
+
+    assert set(results["models"]) == {"student", "student-init", "baseline:tiny", "teacher"}
+    assert set(results["tasks"]) == {"classification", "text"}
+    cls, text = results["tasks"]["classification"], results["tasks"]["text"]
+    assert cls["n"] == 5 and text["n"] == 4  # max_examples caps 8 -> 5; the unlabeled record is not evaluated
+    assert cls["metric"] == "accuracy" and text["metric"] == "perplexity" and not text["higher_is_better"]
+    for name in results["models"]:
+        m = cls["models"][name]
+        assert 0 <= m["accuracy"] <= 1
+        labels, matrix = m["confusion"]["labels"], m["confusion"]["matrix"]
+        assert set(labels[:-1]) <= set(LABELS) and labels[-1] == "(other)"
+        assert len(matrix) == len(labels) - 1 and sum(map(sum, matrix)) == 5
+        assert text["models"][name]["perplexity"] > 1
+    # same weights as the teacher -> identical outputs and perplexity -> retention exactly 1, CI collapsed
+    assert text["retention"]["student-init"]["value"] == 1.0
+    assert text["retention"]["student-init"]["ci95"] == [1.0, 1.0]
+    ret = text["retention"]["student"]
+    expected = text["models"]["teacher"]["perplexity"] / text["models"]["student"]["perplexity"]
+    assert ret["value"] == pytest.approx(expected, rel=1e-3)
+    assert ret["ci95"][0] <= ret["value"] <= ret["ci95"][1]
+
+    student = results["models"]["student"]
+    assert student["parameters"] == count_parameters(load_model(resolve_model(str(tmp_path / "student" / "best"))))
+    assert student["parameters"] < results["models"]["teacher"]["parameters"]
+    assert student["size_bytes"] > 0 and student["peak_rss_mb"] > 0 and student["tokens_per_s_batched"] > 0
+    assert 0 < student["latency_ms_p50"] <= student["latency_ms_p95"]
+    assert results["gate"]["passed"] is True
+
+    page = (out / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 4  # retention, tradeoff, training curves, confusion
+    assert "<table>" in page and "Scores and retention" in page and "HassTurnOn" in page
+    assert "Failures to review" in page
+    assert "## Retention" in (out / "summary.md").read_text()
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and set(rows[0]["outputs"]) == set(results["models"])
+
+    metrics = manifest["metrics"]
+    assert set(metrics["tasks"]["text"]) >= {"teacher", "student", "student_init", "retention", "retention_ci95"}
+    assert metrics["cost"]["student"]["parameters"] == student["parameters"]
+    assert metrics["gate"] == "pass"
+
+    before = (out / "results.json").stat().st_mtime_ns
+    again = eval_stage.run(cfg)
+    assert again["finished_at"] == manifest["finished_at"]  # skipped: the manifest on disk came back
+    assert (out / "results.json").stat().st_mtime_ns == before
+
+
+def test_eval_gate_writes_report_then_raises(tmp_path, models):
+    cfg = _workspace(tmp_path, models, min_retention=1000.0)
+    with pytest.raises(GateError, match=r"task 'text' perplexity retention .* < eval.min_retention 1000"):
+        eval_stage.run(cfg)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["gate"]["passed"] is False
+    assert "FAIL" in (tmp_path / "eval" / "report.html").read_text()
+    assert not (tmp_path / "eval" / "manifest.json").exists()  # not finished: a re-run checks again
+
+
+def test_eval_needs_training_first(tmp_path, models):
+    cfg = _workspace(tmp_path, models)
+    (tmp_path / "student" / "manifest.json").unlink()
+    with pytest.raises(Exception, match="stillhouse .* train"):
+        eval_stage.run(cfg)
