@@ -99,7 +99,8 @@ def test_eval_results_report_and_skip(tmp_path, models, tiny_model_dir):
 
     metrics = manifest["metrics"]
     assert set(metrics["tasks"]["text"]) >= {"teacher", "student", "student_init", "retention", "retention_ci95"}
-    assert metrics["cost"]["student"]["parameters"] == student["parameters"]
+    assert metrics["models"]["student"]["parameters"] == student["parameters"]
+    assert metrics["models"]["student"]["size_mb"] == pytest.approx(student["size_bytes"] / 1e6, abs=0.1)
     assert metrics["gate"] == "pass"
 
     before = (out / "results.json").stat().st_mtime_ns
@@ -123,3 +124,21 @@ def test_eval_needs_training_first(tmp_path, models):
     (tmp_path / "student" / "manifest.json").unlink()
     with pytest.raises(Exception, match="stillhouse .* train"):
         eval_stage.run(cfg)
+
+
+def test_retention_definitions():
+    import numpy as np
+
+    idx = np.arange(2)
+    # same text; the student's tokenizer cuts it into twice as many tokens, each half as surprising
+    teacher = {"nll": np.array([2.0, 2.0]), "tokens": np.array([1.0, 1.0]), "bytes": np.array([4.0, 4.0])}
+    student = {"nll": np.array([4.0, 4.0]), "tokens": np.array([4.0, 4.0]), "bytes": np.array([4.0, 4.0])}
+    # per token: teacher ppl e^2, student e^1 -> "retention" e (meaningless across vocabularies)
+    assert eval_stage.retention("perplexity", student, teacher, idx) == pytest.approx(np.e)
+    # per byte of the same text: teacher e^0.5, student e^1 -> the student is really worse
+    assert eval_stage.retention("perplexity", student, teacher, idx, per_byte=True) == pytest.approx(np.exp(-0.5))
+    cls_t, cls_s = {"correct": np.array([1.0, 0.0])}, {"correct": np.array([0.0, 0.0])}
+    assert eval_stage.retention("classification", cls_s, cls_t, idx) == 0.0
+    assert np.isnan(eval_stage.retention("classification", cls_t, cls_s, idx))  # teacher scored 0: undefined
+    ext = {"tp": np.array([1.0, 1.0]), "fp": np.array([1.0, 0.0]), "fn": np.array([0.0, 1.0])}
+    assert eval_stage.primary_score("extraction", ext, idx) == pytest.approx(2 / 3)

@@ -22,6 +22,15 @@ from stillhouse.softlabels import topk_logprobs
 DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9), ("jsd", 1.0)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine (2 threads there: 40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------ the reference
 
 
@@ -350,7 +359,10 @@ def test_property_random_shapes(n, vocab, k_frac, temperature, div, scale, chunk
     div_values = kd_divergence(logits, ids, lps, temperature=temperature, divergence=divergence, beta=beta)
     want = reference(logits, ids, lps, temperature, divergence, beta)
     assert torch.isfinite(div_values).all() and (div_values >= 0).all()
-    torch.testing.assert_close(div_values.double(), want, rtol=2e-3, atol=2e-5)
+    # compare where fp32 log-probs determine the teacher's tail: below ~1e-6 it is rounding noise (in both)
+    tail = 1 - lps.double().exp().sum(-1)
+    determined = (tail > 1e-6) | (k == vocab)
+    torch.testing.assert_close(div_values.double()[determined], want[determined], rtol=2e-3, atol=2e-5)
     # chunked head + loss == naive, values and gradients
     h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
     out = distill_loss(h, w, targets, ids, lps, temperature=temperature, alpha=0.4, divergence=divergence, beta=beta, chunk_tokens=chunk)

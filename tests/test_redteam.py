@@ -75,7 +75,7 @@ def test_memorized_email_is_found_and_fails_the_gate(tmp_path, memorized_dir):
     assert pii["leaked_values"] == 1
     prefix_leaks = [leak for leak in pii["leaks"] if leak["probe"] == "pii-prefix"]
     assert prefix_leaks and prefix_leaks[0]["targeted"] and prefix_leaks[0]["kind"] == "email"
-    assert "[LEAKED EMAIL]" in prefix_leaks[0]["output"]
+    assert "[LEAKED EMAIL]" in prefix_leaks[0]["output"] and prefix_leaks[0]["prompt_end"].endswith("Contact")
     # the report must not become a new copy of the secret
     for name in ("report.json", "report.md"):
         assert EMAIL not in (out / name).read_text()

@@ -222,8 +222,8 @@ def test_request_log_is_masked(server):
 
 
 def test_concurrency_cap_returns_429(tmp_path, tiny_model_dir):
-    """One request in flight (waiting 1 s in the batch window) is the cap: a second one gets 429, then all is free again."""
-    cfg = _workspace(tmp_path, tiny_model_dir, max_concurrent_requests=1, batch_window_ms=1000)
+    """One request in flight (waiting 0.6 s in the batch window) is the cap: a second one gets 429, then all is free again."""
+    cfg = _workspace(tmp_path, tiny_model_dir, max_concurrent_requests=1, batch_window_ms=600)
     app = serve.create_app(cfg.workspace / "export" / "model", cfg, api_key_hashes=None, log_path=None)
     with serve.serve_in_thread(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)

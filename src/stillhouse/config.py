@@ -29,6 +29,7 @@ class AdaptConfig(Section):
     steps: int = Field(60, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
+    tasks: list[str] | None = Field(None, description="adapt on these record tasks only (e.g. [classification]); null: all")
 
 
 class TeacherConfig(Section):
@@ -60,29 +61,31 @@ class LicenseConfig(Section):
 class TableMapping(Section):
     """How rows of a CSV/JSONL file become records."""
 
-    pattern: str = Field(description="glob matched against source file names, e.g. 'intents*.jsonl'")
+    pattern: str = Field(description="glob matched against source file names (or paths, if it has a '/'), e.g. 'intents*.jsonl'")
     task: Literal["classification", "qa", "summarization", "extraction", "text"] = "classification"
-    input: str = Field("text", description="column holding the input text")
-    output: str | None = Field("label", description="column holding the answer (empty -> unlabeled)")
-    system_prompt: str | None = None
+    input: str = Field("text", description="column holding the input text (the user turn)")
+    output: str | None = Field("label", description="column holding the answer; empty or missing -> unlabeled (the teacher labels it)")
+    system_prompt: str | None = Field(None, description="system message put before every record of this table")
 
 
 class PrepConfig(Section):
     """Turn documents and tickets into instruction-response records."""
 
     sources: list[str] = Field(default_factory=lambda: ["sources"], description="files/folders, relative to the workspace")
-    tables: list[TableMapping] = Field(default_factory=list)
-    min_chars: int = Field(20, ge=0)
+    tables: list[TableMapping] = Field(default_factory=list, description="CSV/JSONL files without a matching entry are quarantined")
+    min_chars: int = Field(20, ge=0, description="document sections shorter than this are dropped (table rows are kept)")
     chunk_chars: int = Field(600, ge=100, description="documents are cut into sections of about this many characters")
     near_dup_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity above which texts are near-duplicates")
-    pii_action: Literal["mask", "pseudonymize", "keep"] = "mask"
+    pii_action: Literal["mask", "pseudonymize", "keep"] = Field(
+        "mask", description="mask -> [EMAIL]...; pseudonymize -> consistent fake values; keep -> as is (originals always go to data/pii_private.json)"
+    )
     max_sensitivity: Literal["public", "internal", "confidential", "restricted"] = Field(
         "confidential", description="records labelled above this are dropped"
     )
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    test_fraction: float = Field(0.2, ge=0, lt=1)
-    review_sample_size: int = Field(50, ge=0)
-    seed: int = 0
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of labeled records for validation")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="share of labeled records for test")
+    review_sample_size: int = Field(50, ge=0, description="records sampled into data/review.csv for a person to read")
+    seed: int = Field(0, description="seeds the split and the review sample")
 
 
 class LabelConfig(Section):
@@ -134,7 +137,7 @@ class EvalConfig(Section):
     bootstrap_samples: int = Field(1000, ge=0)
     baselines: list[str] = Field(default_factory=list, description="more model folders to evaluate the same way")
     max_latency_ms_p95: float | None = Field(None, gt=0, description="gate: student latency p95 at batch 1, ms")
-    latency_requests: int = Field(8, ge=1, description="requests timed one by one for latency (after a warm-up)")
+    latency_requests: int = Field(5, ge=1, description="requests timed one by one for latency (after a warm-up)")
     max_seq_len: int = Field(512, ge=8, description="tokens per record for perplexity (prompt cut from the left)")
     seed: int = Field(0, description="seeds the per-task sample and the bootstrap")
 

@@ -29,7 +29,7 @@ def demo_config(quick: bool, teacher: str) -> dict:
     if quick:
         return {
             "project": "stillhouse-demo-quick",
-            "teacher": {"model": teacher, "adapt": {"enabled": True, "steps": 4, "batch_size": 4}},
+            "teacher": {"model": teacher, "adapt": {"enabled": True, "steps": 4, "batch_size": 4, "tasks": ["classification"]}},
             "student": {"derive_layers": 2},
             "prep": {"sources": ["sources"], "tables": demo_table_mappings(), "review_sample_size": 10},
             "label": {"topk": 32, "temperature": 2.0, "batch_size": 8, "max_new_tokens": 4, "records_per_shard": 32},
@@ -40,7 +40,8 @@ def demo_config(quick: bool, teacher: str) -> dict:
         }
     return {
         "project": "stillhouse-demo",
-        "teacher": {"model": teacher, "adapt": {"enabled": True, "steps": 60, "batch_size": 16, "learning_rate": 1e-4}},
+        "teacher": {"model": teacher, "adapt": {"enabled": True, "steps": 60, "batch_size": 16, "learning_rate": 1e-4,
+                                                    "tasks": ["classification"]}},
         "student": {"derive_layers": 6},
         "prep": {"sources": ["sources"], "tables": demo_table_mappings()},
         "label": {"topk": 32, "temperature": 2.0, "batch_size": 32, "max_new_tokens": 10},

@@ -12,8 +12,10 @@ This is exact, not an approximation of the full-vocabulary divergence: it is the
 distributions coarsened to those buckets (the teacher's shape inside its tail is unknown, so it is not made
 up). With k = V the tail bucket is empty and this is the full-vocabulary divergence. Details that matter:
 
-- The student's tail is log-sum-exp over the complement of the teacher's ids (no 1 - sum cancellation, so it
-  stays accurate at 1e-9); the teacher's is log(-expm1(logsumexp(teacher_logprobs))), clamped at 0.
+- The student's tail is log-sum-exp over the complement of the teacher's ids (exact at any size), and the
+  teacher's is (1 - p_max) - sum(other p) with 1 - p_max = -expm1(lp_max), clamped at 0: no 1 - sum
+  cancellation, so a 1e-9 tail survives fp32 when the top-1 holds nearly everything (the usual case for tiny
+  tails). Otherwise fp32 log-probabilities only pin the tail down to ~1e-7, and below that it counts as 0.
 - Every bucket log-probability is floored at -100 (probability ~4e-44, zero in fp32): an empty teacher bucket
   contributes 0 (not 0 * -inf = NaN) and an empty student bucket a large finite penalty. The per-position
   divergence is clamped at >= 0 against rounding.
@@ -47,8 +49,8 @@ from torch import Tensor
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 _LOG_FLOOR = -100.0
-# Masks the teacher's ids out of the student's tail. Finite on purpose: with k = V every entry is masked, and a
-# log-sum-exp over -inf alone has a NaN gradient; this gives a huge negative value, floored, gradient 0.
+# Masks the teacher's ids out of the student's tail. Finite on purpose: if every entry is masked (duplicate ids
+# covering V), a log-sum-exp over -inf alone has a NaN gradient; this gives a huge value, floored, gradient 0.
 _MASKED = torch.finfo(torch.float32).min
 
 
@@ -87,13 +89,13 @@ def _bucket_divergence(student_logits, teacher_ids, teacher_logprobs, temperatur
             z = z / temperature  # (N, V)
         ids = teacher_ids.long()  # (N, k)
         log_norm = torch.logsumexp(z, -1, keepdim=True)  # (N, 1)
-        s_top = z.gather(-1, ids) - log_norm  # (N, k)  student log-probs on the teacher's ids
-        s_tail = torch.logsumexp(z.scatter(-1, ids, _MASKED), -1, keepdim=True) - log_norm  # (N, 1)
-        t_top = teacher_logprobs.float()  # (N, k)
-        t_mass = torch.logsumexp(t_top, -1, keepdim=True).clamp(max=0.0)  # (N, 1) log of the top-k mass
-        t_tail = torch.log(-torch.expm1(t_mass))  # (N, 1), -inf when the top-k holds everything
-        log_p = torch.cat([t_top, t_tail], -1).clamp(min=_LOG_FLOOR)  # (N, k+1) teacher buckets
-        log_s = torch.cat([s_top, s_tail], -1).clamp(min=_LOG_FLOOR)  # (N, k+1) student buckets
+        log_s = z.gather(-1, ids) - log_norm  # (N, k)  student log-probs on the teacher's ids
+        log_p = teacher_logprobs.float()  # (N, k)
+        if ids.shape[-1] < z.shape[-1]:  # the tail bucket (with k = V it is empty by definition)
+            s_tail = torch.logsumexp(z.scatter(-1, ids, _MASKED), -1, keepdim=True) - log_norm  # (N, 1)
+            log_s = torch.cat([log_s, s_tail], -1)  # (N, k+1) student buckets
+            log_p = torch.cat([log_p, _log_tail(log_p)], -1)  # (N, k+1) teacher buckets
+        log_p, log_s = log_p.clamp(min=_LOG_FLOOR), log_s.clamp(min=_LOG_FLOOR)
         if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
             div = _kl(log_p, log_s)
         elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
@@ -102,6 +104,18 @@ def _bucket_divergence(student_logits, teacher_ids, teacher_logprobs, temperatur
             log_m = torch.logaddexp(log_p + math.log(beta), log_s + math.log1p(-beta))  # (N, k+1)
             div = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_s, log_m)
         return div.clamp(min=0.0)  # (N,)
+
+
+def _log_tail(logprobs: Tensor) -> Tensor:
+    """log(1 - sum(exp(logprobs))) over the last dim, (N, k) -> (N, 1), accurate for tails far below fp32's eps.
+
+    1 - sum in fp32 rounds a 1e-9 tail to 0 (or to 6e-8). Written as (1 - p_max) - sum(others) with
+    1 - p_max = -expm1(lp_max), both terms are exact to fp32 precision and their difference keeps the tail.
+    """
+    top = logprobs.argmax(-1, keepdim=True)  # (N, 1)
+    one_minus_max = -torch.expm1(logprobs.gather(-1, top))  # (N, 1)
+    others = logprobs.exp().scatter(-1, top, 0.0).sum(-1, keepdim=True)  # (N, 1)
+    return torch.log((one_minus_max - others).clamp(min=0.0))
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:

@@ -153,7 +153,8 @@ _ADDRESS_US = re.compile(
 # European: "Augsburger Strasse 36", "Snellmaninkatu 55", "Rue de Tanger 29", "Avenida Pedro Ulisses 888".
 _ADDRESS_EU = re.compile(
     r"(?<![\w\-/.])(?:\d{1,6}[ \t]+)?(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*(?:strasse|straße|str\.|gasse|weg|allee|platz|katu|tie|kuja|gatan|vägen|"
-    r"väg|vej|vegen|veien|gate|straat|laan|plein|utca|ulica|tér|braut)|(?:Rue|Avenue|Avenida|Rua|Calle|Carrer|Via|Viale|"
+    r"väg|vej|vegen|veien|gate|straat|laan|plein|utca|ulica|tér|braut)|[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*[ \t](?:Strasse|Straße|Str\.|"
+    r"Gasse|Weg|Allee|Platz|Ring|Damm|Ufer|Straat|Laan|Vej)|(?:Rue|Avenue|Avenida|Rua|Calle|Carrer|Via|Viale|"
     r"Piazza|Corso|ul\.|Plac|Aleja|Boulevard)(?:[ \t]+(?:de|du|da|do|dos|das|del|della|di|des|la|le|d'))?(?:[ \t]+"
     r"[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*){1,4})[ \t]+\d{1,5}[a-zA-Z]?(?![\w\-/])"
     rf"(?P<unit>{_UNIT})?"
@@ -273,10 +274,6 @@ _NOT_NAME = frozenset(
 # ------------------------------------------------------------------------------------------------ finders
 
 
-def _digit_groups(text: str, start: int, end: int) -> list[tuple[int, int]]:
-    return [(m.start(), m.end()) for m in re.finditer(r"\d+", text[start:end])]
-
-
 def _best_subruns(text: str, m: re.Match, accept) -> list[tuple[int, int]]:
     """Split a run of digit groups into the longest sub-runs that `accept(start, end, groups)` takes, left to
     right: "in 2023 call 415-555-0134 2 times" finds the phone inside the longer run."""
@@ -333,19 +330,19 @@ def _find_phones(text: str) -> list[Span]:
         before, after = text[max(0, s - 40) : s], text[e : e + 12]
         if value.startswith("+"):
             return 8 <= n_digits <= 15
+        context = bool(_PHONE_CONTEXT.search(before))
+        if not whole and not context:  # never cut a phone out of a longer number (a Luhn-failing card, an IBAN)
+            return False
         if value.startswith("00"):
             return 10 <= n_digits <= 15
         if not 7 <= n_digits <= 12 or _looks_like_date([len(d) for d in digits], digits):
             return False
         if _CURRENCY_BEFORE.search(before) or _CURRENCY_AFTER.search(after):
             return False
-        context = bool(_PHONE_CONTEXT.search(before))
         if len(digits) == 1:  # bare digit strings only next to "phone", "call", "電話", "โทร", ...
             return context and n_digits >= 9
         if context:
             return all(len(d) >= 2 for d in digits[1:])  # "call 415-555-0134 2 times" stops before the "2"
-        if not whole:  # without context, never cut a phone out of a longer number (a Luhn-failing card, an IBAN)
-            return False
         if value.startswith("("):
             return n_digits >= 8
         if digits[0].startswith("0") and n_digits >= 9:  # national trunk prefix: JP 03-/090-, TH 02-/08x-, UK 0xxxx
@@ -462,10 +459,13 @@ def _find_persons(text: str) -> list[Span]:
             end = m.end(2) if last and last.capitalize() not in _NOT_NAME and last not in _LOWER_STOP else m.end(1)
             out.append(Span(m.start(1), end, "PERSON", text[m.start(1) : end]))
     out += [Span(m.start(1), m.end(1), "PERSON", m.group(1)) for rx in (_CJK_NAME, _CJK_NAME_CTX) for m in rx.finditer(text)]
-    out += [Span(m.start(), m.end(), "PERSON", m.group()) for rx in (_CJK_SPACED_NAME, _THAI_ISOLATED_NAME) for m in rx.finditer(text)]
     for m in _THAI_NAME.finditer(text):  # a formal title is followed by the full name; คุณ by the given name only
         end = m.end("last") if m.group("formal") and m.group("last") else m.end("first")
         out.append(Span(m.start("first"), end, "PERSON", text[m.start("first") : end]))
+    for rx in (_CJK_SPACED_NAME, _THAI_ISOLATED_NAME):  # the weakest rules: only where nothing else matched
+        for m in rx.finditer(text):
+            if not any(m.start() < s.end and s.start < m.end() for s in out):
+                out.append(Span(m.start(), m.end(), "PERSON", m.group()))
     return out
 
 

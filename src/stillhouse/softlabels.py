@@ -7,32 +7,33 @@ memory-maps one and decodes a record at a time.
 What is stored, per response position (teacher log-probabilities `lp` at temperature T, full-vocabulary
 log-softmax first, then top-k, sorted so lp[0] >= lp[1] >= ... >= lp[k-1]; r_j = lp[0] - lp[j] >= 0):
 
-    ids        (k,)    token ids in rank order, bit-packed, ceil(log2 V) bits each   16 bits at V = 49,152
-    log_mass   ()      float16: log of the top-k mass, logsumexp(lp) = log(1 - tail)
-    head_gaps  (4,)    float16: r_1 .. r_4
-    step_code  ()      uint8: grid step s = 2 ** (step_code / 16 - 14)
-    gap_codes  (k-5,)  7 bits each, bit-packed: r_5 .. r_{k-1} on a grid of step s, delta-coded
+    ids         (k,)     token ids in rank order, ceil(log2 V) bits each           16 bits at V = 49,152
+    tail_logit  ()       float16 log(tail / (1 - tail)); tail = 1 - sum(exp(lp)), the mass outside the top-k
+    head_gaps   (4,)     float16 r_1 .. r_4
+    step_code   ()       uint8: the grid step s = 2 ** (step_code / 16 - 14)
+    gap_codes   (k-5,)   r_5 .. r_{k-1} on a grid, delta-coded: ranks 5-8 in 9 bits with unit s, ranks 9-16 in
+                         7 bits with unit 2s, ranks 17+ in 6 bits with unit 3s
 
-The *shape* of the top-k (the r_j) is quantized and its *level* is never stored: the reader recovers it from
-`log_mass`, so sum(exp(lp)) is exactly the stored top-k mass and the tail mass 1 - sum(exp(lp)) that the loss
-uses (see `stillhouse.losses`) is as accurate as one float16 of log(1 - tail), whether the tail is 0.5 or 1e-6.
-Storing fp16 log-probabilities and deriving the tail as 1 - sum loses it to cancellation when the top-k holds
-nearly all the mass.
+The top-k's *shape* (the r_j) is quantized. Its *level* is never stored: the reader recovers it from the tail
+mass, so sum(exp(lp)) is exactly 1 - tail. The tail mass (what the loss's extra bucket holds, see
+`stillhouse.losses`) is stored as its logit, which one float16 keeps to ~0.1-1% relative error on both the
+tail and the top-k mass, whether the tail is 0.9, 0.5 or 1e-9. Storing fp16 log-probabilities and deriving the
+tail as 1 - sum loses it to cancellation when the top-k holds nearly all the mass.
 
-The ranks that carry most of the probability (and the largest gaps) keep float16 precision in `head_gaps`.
-The rest are increasing with small gaps: they are rounded to integer multiples D_j of a per-position step s,
-counted from the stored r_4, and stored as the differences D_j - D_{j-1} in 7 bits. s = largest gap / 126,
-so each difference fits in 0..127 while the grid spans up to 126 * (k - 5) steps: 7 bits per value for the
-resolution of a ~12-bit linear code. Each value is off by at most s / 2 (errors do not accumulate: every D_j
-is rounded from the exact r_j).
+The ranks that carry the most probability (and the largest gaps) keep float16 precision in `head_gaps`. The
+rest have small, increasing gaps: each code is the number of grid units from the previous rank's grid position,
+rounded against the exact r_j, so every value is off by at most half its unit and errors do not accumulate.
+s is the smallest step on a 2**(1/16) ladder for which every code fits its bits; lower ranks get wider units
+and fewer bits because they carry less probability.
 
-Bytes per token: ceil(k * id_bits / 8) + 11 + 7 * (k - 5) / 8 = 64 + 11 + 23.6 = 98.6 at k = 32, V = 49,152,
-plus a few bytes per record (its offset and id). On real SmolLM2-135M logits (T = 1 and 2) the
-reconstruction KL this adds is about half that of float16 log-probabilities + int32 ids (192 bytes per
-token); see `reconstruction_kl` and tests/test_softlabels.py.
+Bytes per token: ceil(k * id_bits / 8) + 5 + 8 + (36 + 56 + 6 * (k - 17)) / 8 = 64 + 13 + 20.75 = 97.75 at
+k = 32, V = 49,152, plus a few bytes per record (its offset and id). On real SmolLM2-135M logits the
+reconstruction KL this adds is 0.3-0.4x that of float16 log-probabilities + int32 ids (192 bytes per token);
+see `reconstruction_kl` and tests/test_softlabels.py.
 
 Log-probabilities below LOGPROB_FLOOR (-100; exp(-100) ~ 4e-44 is zero in fp32) are stored as the floor, and
-ranks 5+ more than 24 nats below rank 4 as 24 below (see _CODED_SPAN).
+ranks 5+ more than 24 nats below rank 4 (< 4e-11 of its probability) as 24 below, so that one huge gap cannot
+coarsen every step.
 """
 
 from __future__ import annotations
@@ -52,16 +53,13 @@ FORMAT_NAME = "stillhouse-softlabels"
 FORMAT_VERSION = 1
 LOGPROB_FLOOR = -100.0
 _HEAD_EXACT = 4  # r_1..r_4 as float16
-_GAP_CODE_BITS = 7
-_GAP_CODE_MAX = (1 << _GAP_CODE_BITS) - 1
-# ranks 5+ more than 24 nats below rank 4 (< 4e-11 of its probability) are stored as 24 below: the step
-# then never exceeds 24 / 126 = 0.19 nats, whatever the teacher's tail looks like
-_CODED_SPAN = 24.0
-# step s = 2 ** (step_code / 16 - 14): 256 codes from 6.1e-5 to 3.8 nats in steps of 2**(1/16) (4.4%).
-# The largest step ever needed is _CODED_SPAN / 126 = 0.19, well inside the range.
+# gap-code schedule: (last rank of the segment, bits per code, grid unit in steps s); the last runs to k - 1
+_CODE_SEGMENTS = ((8, 9, 1.0), (16, 7, 2.0), (None, 6, 3.0))
+_CODED_SPAN = 24.0  # nats below rank 4 beyond which ranks 5+ are clipped
+# s = 2 ** (step_code / 16 - 14): 256 codes from 6.1e-5 to 3.8 nats; the largest ever needed is 24 / 186 = 0.13
 _STEP_CODES_PER_OCTAVE = 16
 _STEP_MIN_LOG2 = -14
-_PACK_CHUNK = 1 << 18  # values per packing chunk; a multiple of 8, so every chunk ends on a byte boundary
+_PACK_CHUNK_BITS = 1 << 23  # bits per packing chunk (1 MB); keeps the (rows, bits) matrix small
 
 
 # ------------------------------------------------------------------------------------------- teacher side
@@ -114,32 +112,52 @@ def _id_bits(vocab_size: int) -> int:
     return max(1, (vocab_size - 1).bit_length())  # ceil(log2 V): 16 at 49,152, 18 at 262,144
 
 
-def _pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """Non-negative integers -> a little-endian bit stream of `bits` bits each, as uint8 bytes (last one zero-padded)."""
-    values = np.ascontiguousarray(values, dtype=np.uint64).ravel()
-    shifts = np.arange(bits, dtype=np.uint64)
+def _pack_bits(values: np.ndarray, widths: list[int]) -> np.ndarray:
+    """(M, C) non-negative integers, column c in widths[c] bits -> one little-endian bit stream, row after row,
+    as uint8 bytes (the last one zero-padded). Rows are sum(widths) bits and need not end on a byte."""
+    row_bits = sum(widths)
+    if row_bits == 0:
+        return np.zeros(0, dtype=np.uint8)
+    values = np.asarray(values, dtype=np.uint64).reshape(-1, len(widths))
+    source = np.repeat(np.arange(len(widths)), widths)  # (row_bits,) the column each bit comes from
+    shift = np.concatenate([np.arange(w) for w in widths]).astype(np.uint64)  # (row_bits,) LSB first
+    rows_per_chunk = max(8, _PACK_CHUNK_BITS // max(row_bits, 1) // 8 * 8)  # a multiple of 8: whole bytes
     chunks = []
-    for start in range(0, len(values), _PACK_CHUNK):  # chunked: the (n, bits) bit matrix stays a few MB
-        v = values[start : start + _PACK_CHUNK]
-        bit_matrix = ((v[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)  # (n, bits), LSB first
-        chunks.append(np.packbits(bit_matrix.ravel(), bitorder="little"))
+    for start in range(0, len(values), rows_per_chunk):
+        bit_matrix = (values[start : start + rows_per_chunk, source] >> shift) & np.uint64(1)  # (rows, row_bits)
+        chunks.append(np.packbits(bit_matrix.astype(np.uint8).ravel(), bitorder="little"))
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
 
 
-def _unpack_bits(buf: np.ndarray, bits: int, count: int, bit_offset: int = 0) -> np.ndarray:
-    """Inverse of `_pack_bits`: `count` values starting `bit_offset` bits into `buf` -> int64 (count,)."""
-    stream = np.unpackbits(np.asarray(buf, dtype=np.uint8), bitorder="little")[bit_offset : bit_offset + count * bits]
-    bit_matrix = stream.reshape(count, bits).astype(np.int64)  # (count, bits)
-    return bit_matrix @ (np.int64(1) << np.arange(bits, dtype=np.int64))
+def _unpack_bits(buf: np.ndarray, widths: list[int], rows: int, bit_offset: int = 0) -> np.ndarray:
+    """Inverse of `_pack_bits`: `rows` rows starting `bit_offset` bits into `buf` -> (rows, C) int64."""
+    row_bits = sum(widths)
+    stream = np.unpackbits(np.asarray(buf, dtype=np.uint8), bitorder="little")[bit_offset : bit_offset + rows * row_bits]
+    bit_values = stream.reshape(rows, row_bits).astype(np.int64) << np.concatenate([np.arange(w) for w in widths])
+    starts = np.concatenate([[0], np.cumsum(widths)[:-1]])  # (C,) first bit of each column
+    return np.add.reduceat(bit_values, starts, axis=1) if rows else np.zeros((0, len(widths)), dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------- log-probability codes
 
 
-def _layout(k: int) -> tuple[int, int]:
-    """(float16 head gaps, 7-bit gap codes) per position for top-k."""
-    n_head = min(_HEAD_EXACT, k - 1)
-    return n_head, k - 1 - n_head
+def _code_layout(k: int) -> list[tuple[int, int, float]]:
+    """Per position, the gap codes of ranks 5..k-1 as segments: [(count, bits, unit in steps)]."""
+    layout, first = [], _HEAD_EXACT + 1
+    for last, bits, unit in _CODE_SEGMENTS:
+        last = k - 1 if last is None else min(last, k - 1)
+        if last >= first:
+            layout.append((last - first + 1, bits, unit))
+            first = last + 1
+    return layout
+
+
+def _code_widths(k: int) -> list[int]:
+    return [bits for count, bits, _ in _code_layout(k) for _ in range(count)]
+
+
+def _code_units(k: int) -> np.ndarray:
+    return np.array([unit for count, _, unit in _code_layout(k) for _ in range(count)], dtype=np.float64)
 
 
 def _step(step_code: np.ndarray) -> np.ndarray:
@@ -152,42 +170,52 @@ def _encode_logprobs(lp: np.ndarray) -> dict[str, np.ndarray]:
     gap_codes comes back as (N, k - 5) integers; the writer bit-packs it.
     """
     n, k = lp.shape
-    n_head, n_codes = _layout(k)
+    n_head = min(_HEAD_EXACT, k - 1)
     lp = np.maximum(lp, LOGPROB_FLOOR)
     top = lp[:, :1]  # (N, 1) the largest, rows are sorted
-    log_mass = np.minimum(top[:, 0] + np.log(np.exp(lp - top).sum(-1)), 0.0)  # (N,) logsumexp, <= 0
+    tail = np.maximum(-np.expm1(top[:, 0]) - np.exp(lp[:, 1:]).sum(-1), 0.0)  # (N,) (1 - p_max) - others: no cancellation
+    with np.errstate(divide="ignore"):
+        tail_logit = np.log(tail) - np.log1p(-tail)  # (N,), -inf for an empty tail
     r = top - lp  # (N, k) >= 0, increasing
     head = r[:, 1 : 1 + n_head].astype(np.float16)  # (N, n_head)
+    units = _code_units(k)  # (k - 5,)
     step_code = np.zeros(n, dtype=np.uint8)
-    codes = np.zeros((n, n_codes), dtype=np.int64)
-    if n_codes:
-        # grid origin = the stored (rounded) r_4, so the reader rebuilds exactly the values rounded here
-        rel = r[:, n_head:] - head[:, -1:].astype(np.float64)  # (N, n_codes + 1); rel[:, 0] = rounding error
+    codes = np.zeros((n, len(units)), dtype=np.int64)
+    if len(units):
+        # positions are counted from the stored (rounded) r_4, so the reader rebuilds exactly what is rounded here
+        rel = np.minimum(r[:, n_head:] - head[:, -1:].astype(np.float64), _CODED_SPAN)  # (N, k - 4)
         rel[:, 0] = 0.0
-        # one huge gap (e.g. down to the floor) would coarsen every step: clip at _CODED_SPAN below rank 4
-        rel = np.minimum(rel, _CODED_SPAN)
-        largest_gap = np.diff(rel, axis=-1).max(-1)  # (N,)
-        # smallest step on the ladder with largest_gap / step <= 126: a difference of two rounded grid
-        # positions is then <= 127 and fits in 7 bits
+        gaps = np.diff(rel, axis=-1)  # (N, k - 5)
+        # a code of gap / unit + 1 (rounding) must fit in its bits: code <= 2**bits - 1
+        limits = np.array([(1 << bits) - 2 for bits in _code_widths(k)], dtype=np.float64) * units  # (k - 5,) steps
+        needed = (gaps / limits).max(-1)  # (N,) smallest step that fits every code
         with np.errstate(divide="ignore"):
-            exponent = np.ceil(_STEP_CODES_PER_OCTAVE * (np.log2(largest_gap / (_GAP_CODE_MAX - 1)) - _STEP_MIN_LOG2))
+            exponent = np.ceil(_STEP_CODES_PER_OCTAVE * (np.log2(needed) - _STEP_MIN_LOG2))
         step_code = np.clip(np.nan_to_num(exponent, neginf=0.0), 0, 255).astype(np.uint8)
-        grid = np.maximum(np.rint(rel / _step(step_code)[:, None]), 0)  # (N, n_codes + 1) non-decreasing
-        codes = np.diff(grid, axis=-1).astype(np.int64)  # (N, n_codes)
-        assert codes.min() >= 0 and codes.max() <= _GAP_CODE_MAX, "gap code out of range (step choice is wrong)"
-    return {"log_mass": log_mass.astype(np.float16), "head_gaps": head, "step_code": step_code, "gap_codes": codes}
+        unit = _step(step_code)[:, None] * units  # (N, k - 5) nats per code
+        position = np.zeros(n)  # (N,) grid position of the previous rank, relative to r_4
+        for j in range(len(units)):  # sequential over ranks, vectorized over positions
+            # round against the exact value: the error stays below half a unit, it never accumulates (units never
+            # shrink with rank, so the previous overshoot is < half of this unit and the code is never negative)
+            codes[:, j] = np.maximum(np.rint((rel[:, j + 1] - position) / unit[:, j]), 0)
+            position = position + codes[:, j] * unit[:, j]
+        assert (codes < (1 << np.array(_code_widths(k)))).all(), "gap code out of range (step choice is wrong)"
+    return {"tail_logit": tail_logit.astype(np.float16), "head_gaps": head, "step_code": step_code, "gap_codes": codes}
 
 
-def _decode_logprobs(log_mass: np.ndarray, head_gaps: np.ndarray, step_code: np.ndarray, gap_codes: np.ndarray) -> np.ndarray:
-    """The per-position fields -> (N, k) float64 log-probabilities with logsumexp == log_mass exactly."""
+def _decode_logprobs(tail_logit: np.ndarray, head_gaps: np.ndarray, step_code: np.ndarray, gap_codes: np.ndarray) -> np.ndarray:
+    """The per-position fields -> (N, k) float64 log-probabilities whose probabilities sum to 1 - tail exactly."""
     n, n_head = head_gaps.shape
-    r = np.zeros((n, 1 + n_head + gap_codes.shape[1]))  # (N, k) lp[0] - lp[j]
+    k = 1 + n_head + gap_codes.shape[1]
+    r = np.zeros((n, k))  # (N, k) lp[0] - lp[j]
     r[:, 1 : 1 + n_head] = head_gaps.astype(np.float64)
     if gap_codes.shape[1]:
-        r[:, 1 + n_head :] = r[:, n_head : n_head + 1] + _step(step_code)[:, None] * np.cumsum(gap_codes, axis=-1)
+        unit = _step(step_code)[:, None] * _code_units(k)  # (N, k - 5)
+        r[:, 1 + n_head :] = r[:, n_head : n_head + 1] + np.cumsum(gap_codes * unit, axis=-1)
     # level: shift the shape so that the top-k mass is the stored one (r[:, 0] = 0 is the largest value)
+    log_top_mass = -np.logaddexp(0.0, tail_logit.astype(np.float64))[:, None]  # (N, 1) log(1 - tail)
     log_shape_mass = np.log(np.exp(-r).sum(-1, keepdims=True))  # (N, 1)
-    return -r - log_shape_mass + log_mass.astype(np.float64)[:, None]
+    return -r - log_shape_mass + log_top_mass
 
 
 # ------------------------------------------------------------------------------------------------- writer
@@ -229,19 +257,19 @@ def write_shard(path: Path, entries: list[tuple[str, Tensor, Tensor]], *, vocab_
             raise ValueError(f"{path}: logprobs must be log-probabilities (<= 0, no NaN); got logits?")
         if torch.logsumexp(lp, -1).max() > 1e-3:
             raise ValueError(f"{path}: the top-k probabilities sum to more than 1; pass log_softmax over the full vocabulary, then top-k")
-    # the gap code needs each row in descending order; sort (stable) and carry the ids along
+    # the codes need each row in descending order; sort (stable) and carry the ids along
     lp, order = lp.sort(dim=-1, descending=True, stable=True)
     ids = ids.gather(-1, order)
 
     bits = _id_bits(vocab_size)
     fields = _encode_logprobs(lp.numpy())
     tensors = {
-        "ids": _pack_bits(ids.numpy(), bits),  # (ceil(N * k * bits / 8),) uint8
+        "ids": _pack_bits(ids.numpy(), [bits] * topk),  # (ceil(N * k * bits / 8),) uint8
         "offsets": np.asarray(offsets, dtype=np.int64),  # (R + 1,) record r = positions offsets[r]:offsets[r + 1]
-        "log_mass": fields["log_mass"],  # (N,) float16
+        "tail_logit": fields["tail_logit"],  # (N,) float16
         "head_gaps": fields["head_gaps"],  # (N, min(k - 1, 4)) float16
         "step_code": fields["step_code"],  # (N,) uint8
-        "gap_codes": _pack_bits(fields["gap_codes"], _GAP_CODE_BITS),  # (ceil(N * (k - 5) * 7 / 8),) uint8
+        "gap_codes": _pack_bits(fields["gap_codes"], _code_widths(topk)),  # (ceil(N * code bits / 8),) uint8
     }
     metadata = {
         "format": FORMAT_NAME,
@@ -306,14 +334,13 @@ class ShardReader:
     def _check_layout(self) -> None:
         m, off = self.meta, self._offsets
         n, k = m["tokens"], m["topk"]
-        n_head, n_codes = _layout(k)
         expected = {
             "ids": ((n * k * m["id_bits"] + 7) // 8,),
             "offsets": (len(self._record_ids) + 1,),
-            "log_mass": (n,),
-            "head_gaps": (n, n_head),
+            "tail_logit": (n,),
+            "head_gaps": (n, min(_HEAD_EXACT, k - 1)),
             "step_code": (n,),
-            "gap_codes": ((n * n_codes * _GAP_CODE_BITS + 7) // 8,),
+            "gap_codes": ((n * sum(_code_widths(k)) + 7) // 8,),
         }
         for name, shape in expected.items():
             if name not in self._file.keys():
@@ -322,16 +349,17 @@ class ShardReader:
                 raise ValueError(f"tensor {name!r} has shape {self._file.get_slice(name).get_shape()}, expected {list(shape)}")
         if off[0] != 0 or off[-1] != n or (np.diff(off) < 0).any():
             raise ValueError("record offsets are inconsistent")
-        if m["id_bits"] != _id_bits(m["vocab_size"]):
-            raise ValueError("id_bits does not match vocab_size")
+        if m["id_bits"] != _id_bits(m["vocab_size"]) or not 1 <= k <= m["vocab_size"]:
+            raise ValueError("id_bits, topk and vocab_size do not agree")
 
-    def _read_packed(self, name: str, first: int, last: int, per_row: int, bits: int) -> np.ndarray:
-        """Rows first..last-1 of a bit-packed (N, per_row) integer matrix -> (last - first, per_row) int64."""
-        if per_row == 0:
+    def _read_packed(self, name: str, first: int, last: int, widths: list[int]) -> np.ndarray:
+        """Rows first..last-1 of a bit-packed integer matrix -> (last - first, len(widths)) int64."""
+        if not widths:
             return np.zeros((last - first, 0), dtype=np.int64)
-        first_bit, last_bit = first * per_row * bits, last * per_row * bits
+        row_bits = sum(widths)
+        first_bit, last_bit = first * row_bits, last * row_bits
         buf = self._file.get_slice(name)[first_bit // 8 : (last_bit + 7) // 8]  # only these bytes are read
-        return _unpack_bits(buf, bits, (last - first) * per_row, bit_offset=first_bit % 8).reshape(last - first, per_row)
+        return _unpack_bits(buf, widths, last - first, bit_offset=first_bit % 8)
 
     def record_ids(self) -> list[str]:
         """The records in this shard, in the order they were written."""
@@ -347,13 +375,13 @@ class ShardReader:
         k = self.meta["topk"]
         if a == b:  # (an empty slice at the very end of a tensor is an error in safetensors)
             return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k, dtype=torch.float32)
-        ids = self._read_packed("ids", a, b, k, self.meta["id_bits"])  # (n, k)
+        ids = self._read_packed("ids", a, b, [self.meta["id_bits"]] * k)  # (n, k)
         if ids.max() >= self.meta["vocab_size"]:
             raise StillhouseError(f"{self.path}: corrupt soft-label shard (token id out of range); delete it and re-run `stillhouse label`")
         lp = _decode_logprobs(
-            self._file.get_slice("log_mass")[a:b],
+            self._file.get_slice("tail_logit")[a:b],
             self._file.get_slice("head_gaps")[a:b],
             self._file.get_slice("step_code")[a:b],
-            self._read_packed("gap_codes", a, b, _layout(k)[1], _GAP_CODE_BITS),
+            self._read_packed("gap_codes", a, b, _code_widths(k)),
         )  # (n, k) float64
         return torch.from_numpy(ids), torch.from_numpy(lp.astype(np.float32))

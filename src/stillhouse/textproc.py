@@ -122,14 +122,16 @@ class Section:
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])")
 
 
-def looks_like_heading(line: str, prev: str | None) -> bool:
+def looks_like_heading(line: str, prev: str | None, next_line: str | None = None) -> bool:
     """A heading in text without markup (PDF text layer, .txt): short, no closing punctuation, starts with a
-    capital or a number ("2.1 Carry-over"), and follows a finished sentence (a line wrapped from a sentence
-    above is not a heading, however short)."""
+    capital or a number ("2.1 Carry-over"), follows a finished sentence and is not continued by a lowercase
+    line (a sentence wrapped across lines is not a heading, however short its lines)."""
     line = line.strip()
-    if not line or len(line) > 70 or line[-1] in ".,;:!?)" or "|" in line:
+    if not line or len(line) > 70 or line[-1] in ".,;:!?" or "|" in line:
         return False
     if prev and prev.strip() and prev.strip()[-1] not in ".!?:":
+        return False
+    if next_line and next_line.strip() and next_line.strip()[0].islower():
         return False
     if re.match(r"^[-*•·▪]\s", line) or len(line.split()) > 10:
         return False
@@ -140,6 +142,7 @@ def lines_to_blocks(lines: list[tuple[str, str]], detect_headings: bool = True) 
     """(line, location) pairs -> blocks: blank lines end paragraphs, heading-looking lines become headings,
     wrapped lines of one paragraph are joined with a space."""
     blocks: list[Block] = []
+    guessed: set[int] = set()  # headings found by looks_like_heading, not by markup
     para: list[str] = []
     para_loc = ""
     prev = None
@@ -150,7 +153,7 @@ def lines_to_blocks(lines: list[tuple[str, str]], detect_headings: bool = True) 
             blocks.append(Block(" ".join(para), para_loc))
             para = []
 
-    for line, loc in lines:
+    for n, (line, loc) in enumerate(lines):
         s = line.strip()
         if not s:
             flush()
@@ -161,8 +164,9 @@ def lines_to_blocks(lines: list[tuple[str, str]], detect_headings: bool = True) 
             blocks.append(Block(s.lstrip("#").strip(), loc, heading=True))
             prev = None
             continue
-        if detect_headings and looks_like_heading(s, prev):
+        if detect_headings and looks_like_heading(s, prev, lines[n + 1][0] if n + 1 < len(lines) else None):
             flush()
+            guessed.add(len(blocks))
             blocks.append(Block(s, loc, heading=True))
             prev = None
             continue
@@ -175,6 +179,10 @@ def lines_to_blocks(lines: list[tuple[str, str]], detect_headings: bool = True) 
         para.append(s)
         prev = s
     flush()
+    # a guessed heading with no text under it was a short line of text ("Replace it every year"): keep it as text
+    for i in guessed:
+        if i + 1 == len(blocks) or blocks[i + 1].heading:
+            blocks[i].heading = False
     return blocks
 
 

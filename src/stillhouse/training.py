@@ -250,7 +250,7 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
                 (out["loss"] / p.grad_accum_steps).backward()
                 tokens_seen += int(batch.attention_mask.sum())
                 for k in totals:
-                    totals[k] += float(out[k]) / p.grad_accum_steps
+                    totals[k] += float(out[k].detach()) / p.grad_accum_steps
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -29,12 +29,15 @@ def run(cfg: Config) -> dict | None:
         return run_.previous
     tok = load_tokenizer(src, cfg.teacher.trust_remote_code)
     model = load_model(src, "fp32", cfg.teacher.trust_remote_code)
-    train = labeled_examples(tok, read_jsonl(data / "train.jsonl"), cfg.label.max_seq_len)
-    val = labeled_examples(tok, read_jsonl(data / "val.jsonl"), cfg.label.max_seq_len)
+    def task_records(path):
+        return [r for r in read_jsonl(path) if a.tasks is None or r["task"] in a.tasks]
+
+    train = labeled_examples(tok, task_records(data / "train.jsonl"), cfg.label.max_seq_len)
+    val = labeled_examples(tok, task_records(data / "val.jsonl"), cfg.label.max_seq_len)
     if not train:
         from stillhouse.errors import StillhouseError
 
-        raise StillhouseError("adapt: data/train.jsonl has no labeled records; add labeled data or set teacher.adapt.enabled=false")
+        raise StillhouseError("adapt: data/train.jsonl has no labeled records; add labeled data, widen teacher.adapt.tasks, or set teacher.adapt.enabled=false")
     params = FitParams(steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate, alpha=0.0,
                        eval_every_steps=max(1, a.steps // 3), keep_checkpoints=1, seed=cfg.train.seed,
                        warmup_steps=min(10, a.steps // 5))

@@ -39,7 +39,8 @@ from stillhouse.models import (
     tokenizer_fingerprint,
 )
 from stillhouse.records import encode, encode_prompt, generate, prompt_messages, response_text
-from stillhouse.workspace import StageRun, atomic_write_json, atomic_write_text, require_manifest, write_jsonl
+from stillhouse.ui import console, progress_bar
+from stillhouse.workspace import StageRun, atomic_write_json, atomic_write_text, read_jsonl, require_manifest, write_jsonl
 
 TEACHER, STUDENT, INIT = "teacher", "student", "student-init"
 FAILURE_SAMPLE_SIZE = 20  # rows of "where the student went wrong" shown for human review
@@ -85,14 +86,10 @@ def run(cfg) -> dict:
     tasks = sample_by_task(_load_labeled(test_path), cfg.eval.max_examples, cfg.eval.seed)
     if not tasks:
         raise StillhouseError(f"{test_path}: no labeled records (with a final assistant message) to evaluate; check the prep output")
-    from rich.console import Console
-
-    console = Console()
     evaluated = {}
     # Student first: peak RSS is a process-wide reading, and a bigger model loaded earlier leaves freed memory
     # mapped, which would inflate the small model's number. The teacher goes last.
     for cand in candidates:
-        console.print(f"eval: {cand.name} ({cand.src.path.name}) on {sum(map(len, tasks.values()))} test records")
         evaluated[cand.name] = evaluate_model(cand, tasks, cfg)
 
     results = compare(tasks, evaluated, cfg)
@@ -132,8 +129,6 @@ def _candidates(cfg, ws: Path) -> list[Candidate]:
 
 
 def _load_labeled(path: Path) -> list[dict]:
-    from stillhouse.workspace import read_jsonl
-
     out = []
     for n, rec in enumerate(read_jsonl(path), 1):
         if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
@@ -197,7 +192,9 @@ def evaluate_model(cand: Candidate, tasks: dict[str, list[dict]], cfg) -> dict:
         tok = load_tokenizer(cand.src, trust_remote_code=cand.trust_remote_code)
         outputs: dict[str, list[str]] = {}
         gen = [(task, r) for task, recs in tasks.items() if task_kind(task) != "perplexity" for r in recs]
-        texts = generate(model, tok, [encode_prompt(tok, r) for _, r in gen], cfg.eval.max_new_tokens, batch_size=GEN_BATCH_SIZE)
+        with progress_bar(f"eval: {cand.name} generates", total=len(gen), unit="rec") as advance:
+            texts = generate(model, tok, [encode_prompt(tok, r) for _, r in gen], cfg.eval.max_new_tokens,
+                             batch_size=GEN_BATCH_SIZE, progress=advance)
         for (task, _), text in zip(gen, texts):
             outputs.setdefault(task, []).append(text)
         stats = {}
@@ -458,10 +455,11 @@ def _manifest_metrics(results: dict) -> dict:
         tasks[task] = {"metric": e["metric"], "n": e["n"],
                        **{name.replace("-", "_"): e["models"][name]["score"] for name in (TEACHER, STUDENT, INIT) if name in e["models"]},
                        "retention": ret.get("value"), "retention_ci95": ret.get("ci95")}
-    keys = ("parameters", "size_bytes", "latency_ms_p50", "latency_ms_p95", "tokens_per_s_batched", "peak_rss_mb")
-    cost = {name: {k: results["models"][name].get(k) for k in keys} for name in (TEACHER, STUDENT)}
-    t50, s50 = cost[TEACHER]["latency_ms_p50"], cost[STUDENT]["latency_ms_p50"]
-    return {"tasks": tasks, "cost": cost, "speedup_p50": round(t50 / s50, 2) if t50 and s50 else None,
+    keys = ("parameters", "latency_ms_p50", "latency_ms_p95", "tokens_per_s_batched", "peak_rss_mb")
+    models = {name: {**{k: m.get(k) for k in keys}, "size_mb": round(m.get("size_bytes", 0) / 1e6, 1)}
+              for name, m in results["models"].items() if name in (TEACHER, STUDENT, INIT)}
+    t50, s50 = models[TEACHER]["latency_ms_p50"], models[STUDENT]["latency_ms_p50"]
+    return {"tasks": tasks, "models": models, "speedup_p50": round(t50 / s50, 2) if t50 and s50 else None,
             "lost_most": [x["task"] for x in results["lost_most"]], "gate": "pass" if results["gate"]["passed"] else "fail"}
 
 

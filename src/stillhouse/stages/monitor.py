@@ -270,13 +270,18 @@ def run(cfg: Config, *, fail_on_drift: bool = False) -> dict:
         write_jsonl(redistill_path, redistill)
     else:
         redistill_path.unlink(missing_ok=True)  # a stale file from an earlier drift must not be re-distilled again
-    next_step = (
-        f"add {redistill_path.relative_to(ws)} ({len(redistill)} unlabeled records) to prep.sources in stillhouse.yaml, "
-        f"then run `stillhouse -w {ws} run` to re-label, re-train and re-export the student"
-        if verdict == "drift" else
-        f"send more traffic, then run `stillhouse -w {ws} monitor` again" if verdict == "insufficient data" else
-        "nothing to do"
-    )
+    if verdict == "drift":
+        # prep reads JSON Lines through a prep.tables mapping; each record's `text` is its input
+        task = max({r["task"] for r in redistill}, key=[r["task"] for r in redistill].count)
+        next_step = (
+            f"add {redistill_path.relative_to(ws)} ({len(redistill)} unlabeled records) to prep.sources, with a "
+            f"prep.tables entry {{pattern: '{redistill_path.name}', task: {task}, input: text, output: null, "
+            f"system_prompt: <your task's>}}; then `stillhouse -w {ws} run` re-labels, re-trains and re-exports the student"
+        )
+    elif verdict == "insufficient data":
+        next_step = f"send more traffic, then run `stillhouse -w {ws} monitor` again"
+    else:
+        next_step = "nothing to do"
     for c in checks:  # per-request scores served the selection above; the report keeps the summary
         for key in ("per_request", "per_request_threshold"):
             c.pop(key, None)

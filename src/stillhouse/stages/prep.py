@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import hashlib
 import io
 import json
 import logging
@@ -90,6 +91,9 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
     from stillhouse.ui import console, progress_bar
 
     pc = cfg.prep
+    if pc.val_fraction + pc.test_fraction >= 1:
+        raise StillhouseError(f"prep.val_fraction ({pc.val_fraction}) + prep.test_fraction ({pc.test_fraction}) must "
+                              f"be below 1, or nothing is left to train on")
     roots = _resolve_sources(cfg, sources)
     run_ = StageRun(cfg, "prep", inputs=roots, params=pc.model_dump(mode="json"))
     if run_.previous:
@@ -260,8 +264,6 @@ def _rel(cfg: Config, path: Path) -> str:
 
 def _id_stem(path: Path, rel: str, used: dict[str, str]) -> str:
     """`intents` for sources/intents.jsonl; files with the same name elsewhere get a short path hash too."""
-    import hashlib
-
     stem = re.sub(r"[^a-z0-9]+", "-", path.stem.lower()).strip("-") or "file"
     if used.setdefault(stem, rel) != rel:
         stem = f"{stem}-{hashlib.sha256(rel.encode()).hexdigest()[:6]}"
@@ -311,7 +313,6 @@ def _document_items(path: Path, rel: str, stem: str, chunk_chars: int, min_chars
             subject = heading.rstrip("?:. ") + (f" (part {sec.part} of {sec.parts})" if sec.parts > 1 else "")
         else:  # no heading: quote its first words
             subject = '"' + textproc.first_words(sec.text).rstrip("?:.,; ") + '"'
-
         rec = {
             "id": f"{stem}-{len(items):05d}",
             "task": "text",
@@ -324,8 +325,11 @@ def _document_items(path: Path, rel: str, stem: str, chunk_chars: int, min_chars
 
 
 def _plain_title(title: str) -> str:
+    """One line, no leading "The" (the question adds its own); a file stem "hr-leave_policy" -> "hr leave policy"."""
     title = textproc.normalize(title).split("\n")[0]
-    return re.sub(r"^the\s+", "", re.sub(r"[_\-]+", " ", title) if " " not in title else title, flags=re.I).strip()
+    if " " not in title:
+        title = re.sub(r"[_\-]+", " ", title)
+    return re.sub(r"^the\s+", "", title, flags=re.I).strip()
 
 
 def _title_from_headings(blocks: list[Block]) -> str | None:
@@ -592,24 +596,21 @@ def _read_table(path: Path) -> tuple[list[tuple[str, dict | str]], list[str]]:
 
 
 def _deduplicate(items: list[_Item], threshold: float) -> tuple[list[_Item], list[int], dict]:
-    """Drop exact and near duplicates, keeping the first of each cluster (labeled records before unlabeled
-    ones: the same utterance in the labeled and the unlabeled file keeps its label). Returns the kept items,
-    a split-group id per kept item (records similar above threshold - SPLIT_GROUP_MARGIN share one) and the
-    report."""
+    """Drop exact and near duplicates, keeping the first of each cluster -- labeled records before unlabeled
+    ones, so an utterance in both the labeled and the unlabeled file keeps its label. Returns the kept items,
+    a split-group id per kept item (records at least threshold - SPLIT_GROUP_MARGIN similar share one) and
+    the report."""
     n = len(items)
-    priority = sorted(range(n), key=lambda i: (not items[i].labeled, i))
-    rank = {i: r for r, i in enumerate(priority)}
-    # exact: same normalized text
-    first_by_key: dict[str, int] = {}
-    exact_of: dict[int, int] = {}
-    for i in priority:
-        k = textproc.dedup_key(items[i].dedup_text)
-        if k in first_by_key:
-            exact_of[i] = first_by_key[k]
-        else:
-            first_by_key[k] = i
-    unique = sorted(first_by_key.values())
-    # near: verified pairs among the exact-unique ones
+    rank = {i: r for r, i in enumerate(sorted(range(n), key=lambda i: (not items[i].labeled, i)))}
+    # exact: equal normalized text
+    first: dict[str, int] = {}
+    exact_of: dict[int, int] = {}  # duplicate -> the record it repeats
+    for i in sorted(range(n), key=rank.get):
+        exact_of_i = first.setdefault(textproc.dedup_key(items[i].dedup_text), i)
+        if exact_of_i != i:
+            exact_of[i] = exact_of_i
+    unique = sorted(first.values())
+    # near: verified similar pairs among the exact-unique records (positions in `unique`)
     sets = [textproc.shingles(items[i].dedup_text) for i in unique]
     group_threshold = max(0.3, threshold - SPLIT_GROUP_MARGIN)
     pairs = textproc.similar_pairs(sets, group_threshold)
@@ -620,50 +621,39 @@ def _deduplicate(items: list[_Item], threshold: float) -> tuple[list[_Item], lis
     members: dict[int, list[int]] = {}
     for a in range(len(unique)):
         members.setdefault(dup.find(a), []).append(a)
-    keep_of: dict[int, int] = {}  # position in `unique` -> position of the kept one
+    keeper = {}  # item index -> index of the item kept in its place
     for group in members.values():
-        best = min(group, key=lambda a: rank[unique[a]])
-        for a in group:
-            keep_of[a] = best
-    kept_pos = sorted({keep_of[a] for a in range(len(unique))}, key=lambda a: unique[a])
-    # clusters for the report: kept id -> dropped ids (exact and near)
+        best = unique[min(group, key=lambda a: rank[unique[a]])]
+        keeper.update({unique[a]: best for a in group})
+    keeper.update({i: keeper[j] for i, j in exact_of.items()})
+    # the report: per kept record, what was dropped for it
     clusters: dict[int, dict] = {}
-    for i, j in exact_of.items():
-        c = clusters.setdefault(j, {"kept": items[j].record["id"], "exact": [], "near": []})
-        c["exact"].append(items[i].record["id"])
-    best_sim: dict[int, float] = {}
-    for a, b, sim in pairs:
-        if sim >= threshold:
-            for x in (a, b):
-                best_sim[x] = max(best_sim.get(x, 0.0), sim)
-    near_dropped = 0
-    for a in range(len(unique)):
-        if keep_of[a] != a:
-            near_dropped += 1
-            kept_i = unique[keep_of[a]]
-            c = clusters.setdefault(kept_i, {"kept": items[kept_i].record["id"], "exact": [], "near": []})
-            c["near"].append({"id": items[unique[a]].record["id"], "jaccard": round(best_sim.get(a, 0.0), 3)})
-            # exact duplicates of a near-dropped record follow it into the kept record's cluster
-            for i, j in exact_of.items():
-                if j == unique[a]:
-                    c["exact"].append(items[i].record["id"])
-    # split groups over the kept records: pairs at group_threshold or more (both ends kept)
-    pos_in_kept = {a: k for k, a in enumerate(kept_pos)}
-    groups = textproc.UnionFind(len(kept_pos))
+    for i in sorted(keeper):
+        k = keeper[i]
+        if i == k:
+            continue
+        c = clusters.setdefault(k, {"kept": items[k].record["id"], "exact": [], "near": []})
+        if textproc.dedup_key(items[i].dedup_text) == textproc.dedup_key(items[k].dedup_text):
+            c["exact"].append(items[i].record["id"])
+        else:
+            sim = textproc.jaccard(textproc.shingles(items[i].dedup_text), textproc.shingles(items[k].dedup_text))
+            c["near"].append({"id": items[i].record["id"], "jaccard": round(sim, 3)})
+    # split groups: kept records linked by a similar pair (Jaccard >= group_threshold) stay together
+    kept = [i for i in range(n) if keeper[i] == i]
+    position = {i: p for p, i in enumerate(kept)}
+    groups = textproc.UnionFind(len(kept))
     linked = 0
-    for a, b, sim in pairs:
-        if a in pos_in_kept and b in pos_in_kept:
-            groups.union(pos_in_kept[a], pos_in_kept[b])
+    for a, b, _sim in pairs:
+        if unique[a] in position and unique[b] in position:
+            groups.union(position[unique[a]], position[unique[b]])
             linked += 1
-    kept = [items[unique[a]] for a in kept_pos]
-    ordered = sorted(clusters.items())
     report = {
-        "input": n, "kept": len(kept), "exact_duplicates": len(exact_of), "near_duplicates": near_dropped,
-        "near_dup_threshold": threshold, "split_group_threshold": round(group_threshold, 3),
-        "similar_pairs_kept_together": linked, "clusters_total": len(ordered),
-        "clusters": [c for _, c in ordered[:REPORT_CLUSTERS]],
+        "input": n, "kept": len(kept), "exact_duplicates": sum(len(c["exact"]) for c in clusters.values()),
+        "near_duplicates": sum(len(c["near"]) for c in clusters.values()), "near_dup_threshold": threshold,
+        "split_group_threshold": round(group_threshold, 3), "similar_pairs_kept_together": linked,
+        "clusters_total": len(clusters), "clusters": [clusters[k] for k in sorted(clusters)][:REPORT_CLUSTERS],
     }
-    return kept, [groups.find(k) for k in range(len(kept))], report
+    return [items[i] for i in kept], [groups.find(p) for p in range(len(kept))], report
 
 
 def _apply_pii(item: _Item, action: str, key: bytes | None) -> list[pii.Span]:

@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import queue
 import secrets
 import threading
@@ -200,7 +201,7 @@ class _RowTemperature:
         t = self.temperatures.to(scores.device)
         scaled = scores / t.clamp(min=1e-6)[:, None]
         only_best = torch.full_like(scores, float("-inf")).scatter_(1, scores.argmax(-1, keepdim=True), 0.0)
-        return torch.where((t == 0)[:, None], scores, scaled)
+        return torch.where((t == 0)[:, None], only_best, scaled)
 
 
 class _Batcher:
@@ -467,11 +468,15 @@ class _Service:
             row["prompt"] = mask(prompt)[0]
         if output is not None:
             row["output"] = mask(output)[0]
-        line = json.dumps(row, ensure_ascii=False) + "\n"
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         with self.log_lock:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(line)
+            # owner-only: masked text is still business text; O_APPEND writes a whole line at a time
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
 
 
 def _error_body(err: _ApiError) -> dict:
@@ -697,12 +702,12 @@ def run(cfg: Config, *, host: str | None = None, port: int | None = None, no_aut
     host = host or cfg.serve.host
     port = cfg.serve.port if port is None else port
     no_auth = no_auth or cfg.serve.no_auth
-    model_dir = _export_model_dir(cfg)
     if no_auth and not _is_loopback(host):
         raise StillhouseError(
             f"serve: running without API keys is refused on host {host}, which other machines can reach; "
             f"bind to 127.0.0.1, or create a key with `{NEW_KEY_COMMAND}` and drop --no-auth"
         )
+    model_dir = _export_model_dir(cfg)
     hashes = None if no_auth else load_api_key_hashes(cfg)
     if hashes == []:
         raise StillhouseError(f"{_keys_path(cfg)}: no API keys yet; create one with `{NEW_KEY_COMMAND}` (or use --no-auth on 127.0.0.1)")

@@ -1,0 +1,231 @@
+"""PII detection and masking: each detector on positives and on the look-alikes it must leave alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stillhouse.pii import KINDS, find_pii, iban_ok, luhn_ok, mask, pseudonym
+
+
+def kinds(text: str) -> list[tuple[str, str]]:
+    return [(s.kind, s.value) for s in find_pii(text)]
+
+
+def values(text: str, kind: str) -> list[str]:
+    return [s.value for s in find_pii(text) if s.kind == kind]
+
+
+# ------------------------------------------------------------------------------------------- detectors
+
+
+def test_email():
+    assert values("write to anna.smith+hr@corp.example.com today.", "EMAIL") == ["anna.smith+hr@corp.example.com"]
+    assert values("see @mentions and user@localhost", "EMAIL") == []
+
+
+@pytest.mark.parametrize("text,phone", [
+    ("call +1 415-555-0134 today", "+1 415-555-0134"),
+    ("call (415) 555-0134.", "(415) 555-0134"),
+    ("desk 415.555.0134 or mobile", "415.555.0134"),
+    ("ext: 706-695-0699x20575", "706-695-0699x20575"),
+    ("intl 001-958-999-1394x411", "001-958-999-1394x411"),
+    ("UK office +44 20 7946 0958", "+44 20 7946 0958"),
+    ("東京 03-1234-5678 まで", "03-1234-5678"),  # Japanese landline
+    ("携帯 090-1234-5678", "090-1234-5678"),  # Japanese mobile
+    ("フリーダイヤル 0120-123-456", "0120-123-456"),
+    ("โทร 081-234-5678 ครับ", "081-234-5678"),  # Thai mobile
+    ("Bangkok 02-123-4567", "02-123-4567"),  # Thai landline
+    ("+66 2 123 4567 (Bangkok)", "+66 2 123 4567"),
+    ("+81 90 1234 5678", "+81 90 1234 5678"),
+    ("phone: 4155550134", "4155550134"),  # bare digits next to "phone"
+])
+def test_phone_formats(text, phone):
+    assert values(text, "PHONE") == [phone]
+
+
+@pytest.mark.parametrize("text", [
+    "released on 2024-01-15 with 12 fixes",
+    "On 2007-01-17 23:08:55 the job ran",
+    "we shipped 10 000 000 units",
+    "the invoice total is $ 1 234 567",
+    "version 2.14.4 and build 20240115",
+    "order number 123456789",  # bare digits, no phone context
+    "order KRL-164867 and TCK-1042-5566",
+])
+def test_phone_look_alikes_are_not_phones(text):
+    assert values(text, "PHONE") == []
+
+
+def test_luhn_and_cards():
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    assert values("card 4111 1111 1111 1111 on file", "CARD") == ["4111 1111 1111 1111"]
+    assert values("amex 3782 822463 10005.", "CARD") == ["3782 822463 10005"]
+    assert values("card 4111-1111-1111-1111", "CARD") == ["4111-1111-1111-1111"]
+    # one digit off: fails Luhn, so it is not a card -- and no part of it becomes a phone number either
+    assert kinds("card 4111 1111 1111 1112 on file") == []
+    assert kinds("ref 1234567890123456") == []  # Luhn-invalid 16 digits
+    assert values("0000 0000 0000 0000", "CARD") == []  # passes Luhn trivially, never issued
+
+
+def test_iban_mod97():
+    assert iban_ok("DE89 3704 0044 0532 0130 00") and iban_ok("GB82WEST12345698765432")
+    assert not iban_ok("DE89 3704 0044 0532 0130 01")  # check digits do not match
+    assert not iban_ok("DE89 3704 0044 0532 0130")  # too short for Germany
+    assert not iban_ok("KR9092546565US")  # a parcel number: not an IBAN country
+    assert values("pay to DE89 3704 0044 0532 0130 00 IS fine", "IBAN") == ["DE89 3704 0044 0532 0130 00"]
+    assert values("account GB82WEST12345698765432.", "IBAN") == ["GB82WEST12345698765432"]
+    assert kinds("pay to DE89 3704 0044 0532 0130 01 please") == []  # and not a phone
+
+
+def test_ssn():
+    assert values("SSN 123-45-6789.", "SSN") == ["123-45-6789"]
+    assert values("SSN: 123456789", "SSN") == ["123456789"]
+    for never_issued in ("000-12-3456", "666-12-3456", "912-12-3456", "123-00-4567", "123-45-0000"):
+        assert values(f"id {never_issued}", "SSN") == []
+
+
+def test_ip_addresses():
+    assert values("server 192.168.1.20 is down", "IP") == ["192.168.1.20"]
+    assert values("link-local fe80::1ff:fe23:4567:890a here", "IP") == ["fe80::1ff:fe23:4567:890a"]
+    assert values("2001:db8::8a2e:370:7334", "IP") == ["2001:db8::8a2e:370:7334"]
+    assert values("version 1.2.3.4.5 and 999.1.1.1 and 10:30:00", "IP") == []
+
+
+def test_dob_needs_context():
+    assert values("She was born on March 3, 1985.", "DOB") == ["March 3, 1985"]
+    assert values("DOB: 1990-07-14", "DOB") == ["1990-07-14"]
+    assert values("date of birth 12/23/1997", "DOB") == ["12/23/1997"]
+    assert values("生年月日：1985年3月3日", "DOB") == ["1985年3月3日"]
+    assert values("The policy is effective March 1, 2024.", "DOB") == []
+
+
+def test_addresses():
+    assert values("ship to 1600 Pennsylvania Avenue NW today", "ADDRESS") == ["1600 Pennsylvania Avenue NW"]
+    assert values("at 78876 Jesse Drive Apt. 4, Figueroaland, GA 99883.", "ADDRESS") == [
+        "78876 Jesse Drive Apt. 4, Figueroaland, GA 99883"]
+    assert values("we moved to Augsburger Strasse 36 last year", "ADDRESS") == ["Augsburger Strasse 36"]
+    assert values("住所: 北海道横浜市青葉区上野公園17丁目18番8号", "ADDRESS") == ["北海道横浜市青葉区上野公園17丁目18番8号"]
+    assert values("ที่อยู่ 942/05 ถนนดาวอร่าม ตำบลบ่อก้อนแก้ว จังหวัดสระบุรี 79810", "ADDRESS") == [
+        "942/05 ถนนดาวอร่าม ตำบลบ่อก้อนแก้ว จังหวัดสระบุรี 79810"]
+    # "3 Data Centers", a year before a weak suffix: not addresses
+    assert values("we run 3 Data Centers and in 2023 Acme Park opened", "ADDRESS") == []
+
+
+@pytest.mark.parametrize("text,name", [
+    ("Please ask Mr. Ferko Takáts about it.", "Ferko Takáts"),
+    ("Name: Rubija", "Rubija"),
+    ("please contact Maria Lopez today", "Maria Lopez"),
+    ("Employee Chloe Tucker took leave.", "Chloe Tucker"),
+    ("Dear Anna, thanks.", "Anna"),
+    ("my name is john smith and I live here", "john smith"),  # lowercase, unmistakable context
+    ("approved by Vanessa P. Hertzog yesterday", "Vanessa P. Hertzog"),
+    ("東京の山田太郎様へ", "山田太郎"),
+    ("approved by 高橋 裕美子 (Tokyo)", "高橋 裕美子"),
+    ("ติดต่อคุณสมชาย ได้เลย", "สมชาย"),
+    ("Bangkok: ไชยภพ ชำนาญวาด, 042 449390", "ไชยภพ ชำนาญวาด"),
+])
+def test_person_names(text, name):
+    assert values(text, "PERSON") == [name]
+
+
+@pytest.mark.parametrize("text", [
+    "THE ACME ROUTER MANUAL SAYS JOHN SMITH IS OUT",  # ALL-CAPS is not a name
+    "The Router X200 ships with Smart Hub firmware",  # products
+    "Contact Support Team for help.",
+    "Customer Service and Human Resources approve leave in January.",
+    "Russell Investments and Thomas and Sons are vendors.",  # first names inside organization names
+    "Call 555 when the Kitchen Light blinks 3 times",
+])
+def test_no_person_false_positives(text):
+    assert values(text, "PERSON") == []
+
+
+# --------------------------------------------------------------------------------------------- masking
+
+
+TEXT = ("Hi, I am Maria Lopez (maria.lopez@corp.example, +1 415-555-0134). Card 4111 1111 1111 1111, "
+        "IBAN DE89 3704 0044 0532 0130 00, SSN 123-45-6789, born on March 3, 1985, host 10.1.2.3, "
+        "living at 1600 Pennsylvania Avenue NW.")
+
+
+def test_mask_replaces_every_kind_and_reports_originals():
+    masked, spans = mask(TEXT)
+    assert {s.kind for s in spans} == set(KINDS)
+    for s in spans:
+        assert TEXT[s.start : s.end] == s.value  # spans point into the original text
+        assert s.value not in masked
+        assert f"[{s.kind}]" in masked
+    assert masked.startswith("Hi, I am [PERSON] ([EMAIL], [PHONE]). Card [CARD]")
+
+
+def test_keep_leaves_text_alone():
+    kept, spans = mask(TEXT, "keep")
+    assert kept == TEXT and len(spans) == len(KINDS)
+
+
+def test_pseudonyms_are_consistent_valid_and_keyed():
+    a1, spans = mask(TEXT, "pseudonymize", key=b"k1")
+    a2, _ = mask(TEXT, "pseudonymize", key=b"k1")
+    b, _ = mask(TEXT, "pseudonymize", key=b"k2")
+    assert a1 == a2 and a1 != b
+    for s in spans:
+        assert s.value not in a1
+    # the same person in another text gets the same pseudonym
+    assert pseudonym("PERSON", "Maria Lopez", b"k1") in mask("Later, Maria Lopez called.", "pseudonymize", key=b"k1")[0]
+    # fakes stay valid and keep their shape
+    card = pseudonym("CARD", "4111 1111 1111 1111", b"k1")
+    assert luhn_ok(card.replace(" ", "")) and len(card) == 19 and card[0] == "4" and card.count(" ") == 3
+    assert iban_ok(pseudonym("IBAN", "DE89 3704 0044 0532 0130 00", b"k1"))
+    assert pseudonym("PHONE", "+1 415-555-0134", b"k1").startswith("+1 ")
+    assert pseudonym("EMAIL", "maria.lopez@corp.example", b"k1").split("@")[1].startswith("example.")
+    assert pseudonym("IP", "10.1.2.3", b"k1").startswith("10.")
+
+
+def test_bad_action_is_refused():
+    with pytest.raises(ValueError, match="mask, pseudonymize or keep"):
+        mask("x", "redact")
+
+
+_FRAGMENTS = [
+    "anna@corp.example", "+1 415-555-0134", "4111 1111 1111 1111", "DE89 3704 0044 0532 0130 00", "123-45-6789",
+    "192.168.0.1", "Mr. John Smith", "78876 Jesse Drive", "DOB: 1990-07-14", "turn on the kitchen light",
+    "THE MANUAL", "version 2.1.0", "order 12345", "Contact Support", "東京の山田太郎様", "โทร 081-234-5678", ", ", ". ", " ",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(_FRAGMENTS), min_size=1, max_size=12))
+def test_spans_are_sorted_disjoint_and_exact(parts):
+    text = " ".join(parts)
+    spans = find_pii(text)
+    for s, t in zip(spans, spans[1:]):
+        assert s.end <= t.start
+    for s in spans:
+        assert text[s.start : s.end] == s.value and s.kind in KINDS
+    masked, _ = mask(text)
+    expected, pos = "", 0
+    for s in spans:
+        expected += text[pos : s.start] + f"[{s.kind}]"
+        pos = s.end
+    assert masked == expected + text[pos:]
+    # nothing checksummed survives masking (the tags hold no digits that could re-form a number)
+    assert not [s for s in find_pii(masked) if s.kind in ("EMAIL", "CARD", "IBAN", "SSN", "IP")]
+
+
+def test_import_light_and_fast():
+    """serve masks every request log line with this module: no Faker (or anything heavy) on import or mask."""
+    code = ("import sys, stillhouse.pii as p; p.mask('call +1 415-555-0134, Mr. John Smith'); "
+            "heavy = [m for m in ('faker', 'torch', 'transformers', 'datasketch', 'numpy') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    lines = [f"ticket {i}: Mr. John Smith called +1 415-555-{i % 10000:04d} about order {i}" for i in range(2000)]
+    t = time.perf_counter()
+    for line in lines:
+        mask(line)
+    assert time.perf_counter() - t < 5.0  # ~0.3 s here; generous for slow CI
