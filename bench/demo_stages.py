@@ -50,12 +50,16 @@ def main() -> None:
         *[f"| {k} | {v} |" for k, v in seconds.items()],
         "",
     ]
-    models = ev.get("models", {})
-    if models:
-        lines += ["| model | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-        for key in ("parameters", "score", "tokens_per_second_batch1", "latency_ms_p50", "size_mb"):
-            lines.append(f"| {key} | " + " | ".join(str(m.get(key, "-")) for m in models.values()) + " |")
-        lines += [f"", f"retention (student score / teacher score): {ev.get('retention', '-')}", ""]
+    cost = ev.get("cost", {})
+    if cost:
+        names = list(cost)
+        lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for key in ("parameters", "size_bytes", "latency_ms_p50", "latency_ms_p95", "tokens_per_s_batched", "peak_rss_mb"):
+            lines.append(f"| {key} | " + " | ".join(str(cost[n].get(key, "-")) for n in names) + " |")
+        for task, t in ev.get("tasks", {}).items():
+            lines.append(f"| {task} {t['metric']} (n={t['n']}) | " + " | ".join(str(t.get(n, "-")) for n in names) + " |")
+        lines += ["", "retention (student / teacher, bootstrap 95% CI): " + ", ".join(
+            f"{task} {t.get('retention')} {t.get('retention_ci95')}" for task, t in ev.get("tasks", {}).items()), ""]
     text = "\n".join(lines)
     print(text)
     bench = ROOT / "docs" / "benchmarks.md"

@@ -323,13 +323,13 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def test_full_logits_never_exist_forward_or_backward():
-    n, hidden_size, vocab, chunk = 256, 4, 1000, 16
+    n, hidden_size, vocab, chunk = 128, 4, 1000, 16
     hidden, weight, targets, ids, lps = _head_problem(n=n, hidden_size=hidden_size, vocab=vocab)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
     with _LargestTensor() as probe:
         out = distill_loss(h, w, targets, ids, lps, temperature=2.0, chunk_tokens=chunk)
         out["loss"].backward()
-    assert probe.largest <= chunk * vocab < n * vocab  # (chunk, V) at most; (N, V) would be 16x that
+    assert probe.largest <= chunk * vocab < n * vocab  # (chunk, V) at most; (N, V) would be 8x that
     assert h.grad is not None and w.grad is not None
 
 

@@ -105,7 +105,7 @@ def run_demo(ws: Path, quick: bool = False) -> dict:
         seconds[name] = round(time.time() - t, 1)
     from stillhouse.stages import serve
 
-    for name, fn in (("serve", lambda: serve.smoke(cfg)), ("monitor", lambda: funcs["monitor"](cfg))):
+    for name, fn in (("serve", lambda: serve.smoke(cfg, traffic=cfg.monitor.min_requests + 3)), ("monitor", lambda: funcs["monitor"](cfg))):
         console.rule(f"[bold]{name}")
         t = time.time()
         fn()
@@ -129,25 +129,33 @@ def _print_summary(s: dict) -> None:
     from rich.table import Table
 
     ev = s["eval"]
-    models = ev.get("models", {})
+    cost = ev.get("cost", {})
+    names = [n for n in ("teacher", "student") if n in cost]
     table = Table(title="teacher vs student")
     table.add_column("")
-    names = [n for n in ("teacher", "student", "student-init") if n in models]
     for n in names:
-        table.add_column(n)
+        table.add_column(n, justify="right")
+    table.add_column("student / teacher", justify="right")
 
-    def row(label, key, fmt="{}"):
-        table.add_row(label, *[(fmt.format(models[n][key]) if models[n].get(key) is not None else "-") for n in names])
+    def row(label, key, fmt, scale=1.0):
+        vals = [cost[n].get(key) for n in names]
+        ratio = f"{vals[1] / vals[0]:.2f}x" if len(vals) == 2 and all(vals) else ""
+        table.add_row(label, *[fmt.format(v * scale) if v is not None else "-" for v in vals], ratio)
 
-    row("parameters", "parameters", "{:,}")
-    row("size on disk (MB)", "size_mb", "{:.1f}")
-    row("tokens/s (batch 1)", "tokens_per_second_batch1", "{:.1f}")
-    row("latency p50 (ms)", "latency_ms_p50", "{:.0f}")
-    row("task score", "score", "{:.3f}")
-    table.add_row("share of teacher kept", "", str(ev.get("retention", "-")), "")
+    row("parameters (M)", "parameters", "{:.1f}", 1e-6)
+    row("size on disk (MB)", "size_bytes", "{:.1f}", 1e-6)
+    row("latency p50, batch 1 (ms)", "latency_ms_p50", "{:.0f}")
+    row("tokens/s, batched", "tokens_per_s_batched", "{:.1f}")
+    for task, t in ev.get("tasks", {}).items():
+        ret = t.get("retention")
+        ci = t.get("retention_ci95")
+        kept = f"{ret:.0%}" + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "") if ret is not None else "n/a"
+        table.add_row(f"{task}: {t.get('metric')} (n={t.get('n')})",
+                      *[f"{t.get(n):.3f}" if t.get(n) is not None else "-" for n in names], kept)
     console.print(table)
-    pii = s["prep"].get("pii", s["prep"].get("pii_by_kind", {}))
-    console.print(f"PII found and masked by prep: {json.dumps(pii)}")
+    console.print("last column for tasks: share of the teacher's score the student keeps, with a bootstrap 95% CI")
+    pii = s["prep"].get("pii", {})
+    console.print(f"PII found and masked by prep: {sum(pii.values()) if pii else 0} ({json.dumps(pii)})")
     console.print(f"redteam verdict: {s['redteam'].get('verdict', '-')}")
     console.print("wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items()))
     console.print(f"[bold]report: {s['report']}[/]")

@@ -175,9 +175,11 @@ def distill_loss(
 
     Returns {"loss", "ce", "kd"}, scalars, means over N: loss = (1 - alpha) * CE + alpha * T^2 * KD, with
     CE at T = 1 and KD = mean of `kd_divergence` (un-scaled); without a teacher loss = CE and kd = 0. Only
-    "loss" carries gradients. Peak memory is O(chunk_tokens * V): about 5 fp32 (chunk_tokens, V) buffers,
-    ~1 GB at 1024 x 49,152. alpha = 1 (no CE at all) is allowed here; pure KD can make a student repeat
-    itself, so the train config should keep some CE.
+    "loss" carries gradients. Peak memory is O(chunk_tokens * V): ~5 fp32 (chunk_tokens, V) buffers plus the
+    (V, H) fp32 head gradient; measured on CPU at V = 49,152, H = 576, N = 2048: +1.2 GB at chunk 1024, +0.33 GB
+    at 256, +2.6 GB unchunked (and the fused path is faster: no chunk is recomputed in backward).
+    alpha = 1 (no CE at all) is allowed here; pure KD can make a student repeat itself, so the train config
+    should keep some CE.
     """
     if hidden.dim() != 2 or head_weight.dim() != 2 or hidden.shape[1] != head_weight.shape[1]:
         raise ValueError(f"hidden must be (N, H) and head_weight (V, H); got {tuple(hidden.shape)} and {tuple(head_weight.shape)}")

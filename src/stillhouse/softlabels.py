@@ -17,8 +17,9 @@ log-softmax first, then top-k, sorted so lp[0] >= lp[1] >= ... >= lp[k-1]; r_j =
 The top-k's *shape* (the r_j) is quantized. Its *level* is never stored: the reader recovers it from the tail
 mass, so sum(exp(lp)) is exactly 1 - tail. The tail mass (what the loss's extra bucket holds, see
 `stillhouse.losses`) is stored as its logit, which one float16 keeps to ~0.1-1% relative error on both the
-tail and the top-k mass, whether the tail is 0.9, 0.5 or 1e-9. Storing fp16 log-probabilities and deriving the
-tail as 1 - sum loses it to cancellation when the top-k holds nearly all the mass.
+tail and the top-k mass, whether the tail is 0.9, 0.5 or 1e-9 (the fp32 log-probabilities `get` returns
+carry it down to ~1e-7, smaller when the top-1 holds nearly all the mass). Storing fp16 log-probabilities and
+deriving the tail as 1 - sum loses it to cancellation when the top-k holds nearly all the mass.
 
 The ranks that carry the most probability (and the largest gaps) keep float16 precision in `head_gaps`. The
 rest have small, increasing gaps: each code is the number of grid units from the previous rank's grid position,
@@ -26,8 +27,8 @@ rounded against the exact r_j, so every value is off by at most half its unit an
 s is the smallest step on a 2**(1/16) ladder for which every code fits its bits; lower ranks get wider units
 and fewer bits because they carry less probability.
 
-Bytes per token: ceil(k * id_bits / 8) + 5 + 8 + (36 + 56 + 6 * (k - 17)) / 8 = 64 + 13 + 20.75 = 97.75 at
-k = 32, V = 49,152, plus a few bytes per record (its offset and id). On real SmolLM2-135M logits the
+Bytes per token (k >= 17): k * id_bits / 8 + 11 + (36 + 56 + 6 * (k - 17)) / 8 = 64 + 11 + 22.75 = 97.75 at
+k = 32, V = 49,152, plus a few bytes per record (its offset and id) and the header. On real SmolLM2-135M logits the
 reconstruction KL this adds is 0.3-0.4x that of float16 log-probabilities + int32 ids (192 bytes per token);
 see `reconstruction_kl` and tests/test_softlabels.py.
 
@@ -59,7 +60,7 @@ _CODED_SPAN = 24.0  # nats below rank 4 beyond which ranks 5+ are clipped
 # s = 2 ** (step_code / 16 - 14): 256 codes from 6.1e-5 to 3.8 nats; the largest ever needed is 24 / 186 = 0.13
 _STEP_CODES_PER_OCTAVE = 16
 _STEP_MIN_LOG2 = -14
-_PACK_CHUNK_BITS = 1 << 23  # bits per packing chunk (1 MB); keeps the (rows, bits) matrix small
+_PACK_CHUNK_BITS = 1 << 20  # bits per packing chunk: the (rows, row bits) uint64 matrix stays at 8 MB
 
 
 # ------------------------------------------------------------------------------------------- teacher side

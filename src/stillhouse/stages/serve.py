@@ -719,9 +719,11 @@ def run(cfg: Config, *, host: str | None = None, port: int | None = None, no_aut
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-def smoke(cfg: Config) -> dict:
+def smoke(cfg: Config, traffic: int = 0) -> dict:
     """Start the real server on a free loopback port, send one chat completion over HTTP, stop it.
-    Writes serve/smoke.json and the serve manifest; skipped when export/model is unchanged."""
+    With `traffic` > 0, also send that many test-split prompts concurrently (they share batches), so the request
+    log holds enough for `stillhouse monitor`. Writes serve/smoke.json and the serve manifest; skipped when
+    export/model is unchanged."""
     import httpx
 
     from stillhouse.pii import mask
@@ -730,13 +732,14 @@ def smoke(cfg: Config) -> dict:
     model_dir = _export_model_dir(cfg)
     test_path = cfg.workspace / "data" / "test.jsonl"
     inputs = [model_dir] + ([test_path] if test_path.exists() else [])
-    stage = StageRun(cfg, "serve", inputs=inputs, params={"serve": cfg.serve.model_dump(), "smoke": True})
+    stage = StageRun(cfg, "serve", inputs=inputs, params={"serve": cfg.serve.model_dump(), "smoke": True, "traffic": traffic})
     if stage.previous:
         console.print("serve: smoke test up to date, skipped")
         return stage.previous
 
     # A real prompt from the task when there is one, so the smoke answer says something about the model.
     messages = [{"role": "user", "content": "Say hello in one short sentence."}]
+    records: list[dict] = []
     if test_path.exists():
         from stillhouse.records import prompt_messages
         from stillhouse.workspace import read_jsonl
@@ -752,6 +755,22 @@ def smoke(cfg: Config) -> dict:
         r = httpx.post(f"{base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=300,
                        json={"model": cfg.serve.model_name, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
+        traffic_ok = 0
+        if traffic and records:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from stillhouse.records import prompt_messages
+
+            def send(rec: dict) -> int:
+                return httpx.post(f"{base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                  timeout=300, json={"model": cfg.serve.model_name, "messages": prompt_messages(rec),
+                                                     "max_tokens": max_tokens, "temperature": 0}).status_code
+
+            batch = [records[i % len(records)] for i in range(1, traffic + 1)]
+            with ThreadPoolExecutor(max_workers=min(8, traffic)) as pool:
+                traffic_ok = sum(code == 200 for code in pool.map(send, batch))
+            if traffic_ok != traffic:
+                raise GateError(f"serve: {traffic - traffic_ok} of {traffic} concurrent requests failed; see {stage.dir / 'requests.jsonl'}")
     if r.status_code != 200:
         raise GateError(f"serve: the smoke request failed with HTTP {r.status_code}: {r.text[:300]}")
     body = r.json()
@@ -766,5 +785,6 @@ def smoke(cfg: Config) -> dict:
     }
     atomic_write_json(stage.dir / "smoke.json", result)
     console.print(f"serve: smoke request answered in {latency_ms:.0f} ms ({body['usage']['completion_tokens']} tokens)")
-    return stage.finish(metrics={"smoke_latency_ms": latency_ms, "completion_tokens": body["usage"]["completion_tokens"]},
+    return stage.finish(metrics={"smoke_latency_ms": latency_ms, "completion_tokens": body["usage"]["completion_tokens"],
+                                 "traffic_requests_ok": traffic_ok},
                         smoke=result)
