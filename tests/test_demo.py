@@ -49,7 +49,9 @@ def test_file_tree_and_manifests(quick_demo):
         assert m["outputs"], stage
         assert all(len(h) == 64 for h in m["outputs"].values())
         assert "torch" in m["versions"]
-    assert ms["label"]["topk"] == 32 and ms["label"]["metrics"]["bytes_per_token"] <= 100
+    # top-32 soft labels: ~98 bytes per token plus a per-record index (the demo's records are short), far below
+    # fp16 log-probs + int32 ids (192)
+    assert ms["label"]["topk"] == 32 and ms["label"]["metrics"]["bytes_per_token"] < 150
     assert ms["train"]["labels_fingerprint"] == ms["label"]["fingerprint"]
     # the summary table reached the user
     assert "teacher vs student" in p.stderr + p.stdout
@@ -80,6 +82,24 @@ def test_changed_config_reruns_from_that_stage(quick_demo, tmp_path):
     assert after["train"]["fingerprint"] != before["train"]["fingerprint"]
     assert after["train"]["metrics"]["steps"] == 4
     assert after["eval"]["fingerprint"] != before["eval"]["fingerprint"]  # its input (student/best) changed
+
+
+def test_train_refuses_labels_made_for_another_tokenizer(quick_demo, tmp_path, tokenizer):
+    """Soft labels are token ids of the teacher's vocabulary: a student with another tokenizer must not use them."""
+    from stillhouse.models import save_pretrained, tiny_random_model
+
+    ws0, _ = quick_demo
+    ws = tmp_path / "ws"
+    shutil.copytree(ws0, ws)
+    shutil.rmtree(ws / "student")
+    other = tokenizer.__class__.from_pretrained(str(ws / "teacher" / "best"))
+    other.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    save_pretrained(tiny_random_model(other, num_layers=2), other, ws / "other-student")
+    env = {**os.environ, "STILLHOUSE_QUIET": "1"}
+    p = subprocess.run([sys.executable, "-m", "stillhouse", "-w", str(ws), "train", "--set", "student.model=other-student"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "labels/ were made with another tokenizer" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_demo_with_no_network_at_all(tmp_path):

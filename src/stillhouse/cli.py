@@ -179,7 +179,7 @@ def monitor(fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="e
 
 @app.command("run")
 def run_(set_: Optional[List[str]] = SetOpt):
-    """Every stage in order (check, prep, adapt, label, train, eval, redteam, export); skips what is done.
+    """Every stage in order (prep, check, adapt, label, train, eval, redteam, export); skips what is done.
 
     Example: stillhouse -w my-project run
     """

@@ -41,11 +41,11 @@ def demo_config(quick: bool, teacher: str) -> dict:
     return {
         "project": "stillhouse-demo",
         "teacher": {"model": teacher, "adapt": {"enabled": True, "steps": 60, "batch_size": 16, "learning_rate": 1e-4,
-                                                    "tasks": ["classification"]}},
+                                                    "tasks": ["classification", "qa"]}},
         "student": {"derive_layers": 6},
         "prep": {"sources": ["sources"], "tables": demo_table_mappings()},
         "label": {"topk": 32, "temperature": 2.0, "batch_size": 32, "max_new_tokens": 10},
-        "train": {"steps": 100, "batch_size": 16, "alpha": 0.5, "eval_every_steps": 25, "learning_rate": 3e-4},
+        "train": {"steps": 150, "batch_size": 16, "alpha": 0.5, "eval_every_steps": 25, "learning_rate": 3e-4},
         "eval": {"max_examples": 100, "max_new_tokens": 10},
         "redteam": {"max_probes": 20},
         "monitor": {"min_requests": 5},
@@ -129,7 +129,7 @@ def _print_summary(s: dict) -> None:
     from rich.table import Table
 
     ev = s["eval"]
-    cost = ev.get("cost", {})
+    cost = ev.get("models", {})
     names = [n for n in ("teacher", "student") if n in cost]
     table = Table(title="teacher vs student")
     table.add_column("")
@@ -143,7 +143,7 @@ def _print_summary(s: dict) -> None:
         table.add_row(label, *[fmt.format(v * scale) if v is not None else "-" for v in vals], ratio)
 
     row("parameters (M)", "parameters", "{:.1f}", 1e-6)
-    row("size on disk (MB)", "size_bytes", "{:.1f}", 1e-6)
+    row("size on disk (MB)", "size_mb", "{:.1f}")
     row("latency p50, batch 1 (ms)", "latency_ms_p50", "{:.0f}")
     row("tokens/s, batched", "tokens_per_s_batched", "{:.1f}")
     for task, t in ev.get("tasks", {}).items():

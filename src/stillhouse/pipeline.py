@@ -7,8 +7,8 @@ import time
 from stillhouse.config import Config
 from stillhouse.ui import console
 
-# `run` goes through these; serve (a long-running server) and monitor (needs production traffic) are separate.
-PIPELINE = ["check", "prep", "adapt", "label", "train", "eval", "redteam", "export"]
+# `run` goes through these. prep before check, so the check also vets the data's provenance. serve (a long-running server) and monitor (needs production traffic) are separate.
+PIPELINE = ["prep", "check", "adapt", "label", "train", "eval", "redteam", "export"]
 
 
 def stage_functions() -> dict:
