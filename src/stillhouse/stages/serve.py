@@ -766,7 +766,14 @@ def smoke(cfg: Config, traffic: int = 0) -> dict:
                                   timeout=300, json={"model": cfg.serve.model_name, "messages": prompt_messages(rec),
                                                      "max_tokens": max_tokens, "temperature": 0}).status_code
 
-            batch = [records[i % len(records)] for i in range(1, traffic + 1)]
+            # production traffic of a single-purpose student: prompts of the test split's main task, seeded sample
+            import random
+            from collections import Counter
+
+            main_task = Counter(r["task"] for r in records).most_common(1)[0][0]
+            pool_records = [r for r in records if r["task"] == main_task]
+            rng = random.Random(0)
+            batch = [rng.choice(pool_records) for _ in range(traffic)]
             with ThreadPoolExecutor(max_workers=min(8, traffic)) as pool:
                 traffic_ok = sum(code == 200 for code in pool.map(send, batch))
             if traffic_ok != traffic:
