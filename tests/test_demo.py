@@ -38,7 +38,7 @@ def test_file_tree_and_manifests(quick_demo):
                 "labels/sequences.jsonl", "teacher/best/config.json", "student/init/model.safetensors",
                 "student/best/model.safetensors", "student/final/config.json", "student/metrics.jsonl",
                 "eval/results.json", "eval/report.html", "redteam/report.json", "export/model/model.safetensors",
-                "export/model/README.md", "export/SHA256SUMS", "serve/requests.jsonl", "monitor/report.json",
+                "export/model/README.md", "export/SHA256SUMS", "export/gguf/student-f16.gguf", "export/gguf/student-q8_0.gguf", "serve/requests.jsonl", "monitor/report.json",
                 "demo-summary.json"]:
         assert (ws / rel).exists(), rel
     assert list((ws / "data" / "quarantine").iterdir()), "the corrupt demo PDF should be quarantined"

@@ -142,3 +142,87 @@ def test_retention_definitions():
     assert np.isnan(eval_stage.retention("classification", cls_t, cls_s, idx))  # teacher scored 0: undefined
     ext = {"tp": np.array([1.0, 1.0]), "fp": np.array([1.0, 0.0]), "fn": np.array([0.0, 1.0])}
     assert eval_stage.primary_score("extraction", ext, idx) == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------------------ the report in a real browser
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--virtual-time-budget=5000"]
+# Run in the page after load: every <img> decoded (complete, real size) and the table shapes, put in the DOM
+# where --dump-dom shows them.
+PROBE = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().height]);
+  const tables = [...document.querySelectorAll('table')].map(t => [t.rows.length, t.getBoundingClientRect().height]);
+  document.body.setAttribute('data-probe', JSON.stringify({imgs, tables}));
+});</script></body>"""
+
+
+def _chromium(tmp_path: Path, *args: str) -> str:
+    import subprocess
+    import tempfile
+
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(exe).exists():
+        pytest.skip("chromium is not installed (`make setup` installs it when run as root with apt-get; "
+                    "or: apt-get install -y chromium)")
+    with tempfile.TemporaryDirectory(dir=tmp_path) as profile:
+        proc = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_report_renders_in_headless_chromium(tmp_path, models):
+    import re
+
+    import numpy as np
+    from matplotlib.image import imread
+
+    eval_stage.run(_workspace(tmp_path, models))
+    report = tmp_path / "eval" / "report.html"
+    page = report.read_text()
+    n_imgs, n_tables = page.count("<img "), page.count("<table>")
+
+    probed = tmp_path / "probed.html"  # a copy with the probe script; the report itself stays untouched
+    probed.write_text(page.replace("</body>", PROBE))
+    dom = _chromium(tmp_path, "--dump-dom", probed.as_uri())
+    found = re.search(r'data-probe="([^"]*)"', dom)
+    assert found, "the probe did not run: the page did not finish loading"
+    probe = json.loads(found.group(1).replace("&quot;", '"'))
+    assert len(probe["imgs"]) == n_imgs == 4
+    for complete, width, height, shown_height in probe["imgs"]:
+        assert complete and width > 200 and height > 100 and shown_height > 50  # a decoded PNG, laid out
+    assert len(probe["tables"]) == n_tables >= 3
+    assert all(rows >= 2 and height > 20 for rows, height in probe["tables"])  # header + data, on screen
+    assert "Scores and retention" in dom and "HassTurnOn" in dom
+
+    shot = tmp_path / "report.png"
+    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,4000", report.as_uri())
+    pixels = imread(shot)[..., :3]  # (H, W, 3) floats in [0, 1]
+    saturation = pixels.max(-1) - pixels.min(-1)
+    # text and tables are black/grey on white; only the plots' bars, lines and heat maps are colored
+    assert (pixels.mean(-1) < 0.9).mean() > 0.02, "the screenshot is (almost) blank"
+    assert (saturation > 0.3).sum() > 5000, "no colored plot pixels in the screenshot: figures not drawn"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_no_test_split_says_run_prep(tmp_path, models):
+    from stillhouse.errors import StillhouseError
+
+    cfg = _workspace(tmp_path, models)
+    (tmp_path / "data" / "test.jsonl").unlink()
+    with pytest.raises(StillhouseError, match=r"test\.jsonl not found; run `stillhouse -w .* prep` first"):
+        eval_stage.run(cfg)
+
+
+def test_student_that_cannot_load_is_named(tmp_path, models):
+    from stillhouse.errors import StillhouseError
+
+    cfg = _workspace(tmp_path, models)
+    (tmp_path / "student" / "best" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(StillhouseError, match=r"eval: the student model .*best cannot be loaded \(SafetensorError") as err:
+        eval_stage.run(cfg)
+    assert type(err.value) is StillhouseError  # exit 2 (bad input), not a gate and not a traceback

@@ -19,7 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from stillhouse.losses import distill_loss, kd_divergence
 from stillhouse.softlabels import topk_logprobs
 
-DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9), ("jsd", 1.0)]
+DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9), ("jsd", 1.0),
+        ("total_variation", 0.5), ("skew_forward_kl", 0.5), ("skew_reverse_kl", 0.5)]  # skew: default skew_alpha 0.1
+SKEW_ALPHA = 0.1
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,7 +41,23 @@ def _kl64(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (p.log() - q.log()), torch.zeros_like(p)).sum(-1)
 
 
-def reference(student_logits, teacher_ids, teacher_logprobs, temperature, divergence, beta):
+def divergence64(p, s, divergence, beta, skew_alpha=SKEW_ALPHA):
+    """(N,) each divergence from its textbook formula, over float64 distributions p (teacher), s (student)."""
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
+        return _kl64(p, s)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
+        return _kl64(s, p)
+    if divergence == "total_variation":
+        return 0.5 * (p - s).abs().sum(-1)
+    if divergence == "skew_forward_kl":
+        return _kl64(p, skew_alpha * p + (1 - skew_alpha) * s)
+    if divergence == "skew_reverse_kl":
+        return _kl64(s, skew_alpha * s + (1 - skew_alpha) * p)
+    m = beta * p + (1 - beta) * s
+    return beta * _kl64(p, m) + (1 - beta) * _kl64(s, m)
+
+
+def reference(student_logits, teacher_ids, teacher_logprobs, temperature, divergence, beta, skew_alpha=SKEW_ALPHA):
     """(N,) float64 divergence over the k+1 buckets, from the definitions."""
     s_full = torch.softmax(student_logits.double() / temperature, -1)  # (N, V)
     s_top = s_full.gather(-1, teacher_ids)  # (N, k)
@@ -51,12 +69,7 @@ def reference(student_logits, teacher_ids, teacher_logprobs, temperature, diverg
         p, s = torch.cat([p_top, p_tail], -1), torch.cat([s_top, s_tail], -1)  # (N, k+1)
     # the documented floor: a bucket has probability >= exp(-100) (so an empty one costs a finite amount)
     p, s = p.clamp_min(math.exp(-100)), s.clamp_min(math.exp(-100))
-    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
-        return _kl64(p, s)
-    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
-        return _kl64(s, p)
-    m = beta * p + (1 - beta) * s
-    return beta * _kl64(p, m) + (1 - beta) * _kl64(s, m)
+    return divergence64(p, s, divergence, beta, skew_alpha)
 
 
 def _problem(n=12, vocab=50, k=6, temperature=2.0, seed=0, scale=3.0):
@@ -87,13 +100,7 @@ def test_k_equal_to_vocab_is_the_full_vocabulary_divergence(divergence, beta):
     student, ids, lps = _problem(vocab=vocab, k=vocab, temperature=temperature)
     teacher_full = torch.zeros(12, vocab, dtype=torch.float64).scatter(-1, ids, lps.double())  # (N, V) log-probs
     p, s = teacher_full.exp(), torch.softmax(student.double() / temperature, -1)
-    if divergence == "forward_kl" or beta == 0:
-        want = _kl64(p, s)
-    elif divergence == "reverse_kl" or beta == 1:
-        want = _kl64(s, p)
-    else:
-        m = beta * p + (1 - beta) * s
-        want = beta * _kl64(p, m) + (1 - beta) * _kl64(s, m)
+    want = divergence64(p, s, divergence, beta)
     got = kd_divergence(student, ids, lps, temperature=temperature, divergence=divergence, beta=beta)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
 
@@ -107,7 +114,8 @@ def test_identical_teacher_and_student_is_zero_with_zero_gradient(divergence, be
     div = kd_divergence(logits, ids, lps, temperature=2.0, divergence=divergence, beta=beta)
     torch.testing.assert_close(div, torch.zeros(8), atol=2e-6, rtol=0)
     (grad,) = torch.autograd.grad(div.sum(), logits)
-    assert grad.abs().max() < 1e-4
+    if divergence != "total_variation":  # |P - S| has a kink at P = S: any subgradient (rounding picks one) is valid
+        assert grad.abs().max() < 1e-4
 
 
 def test_jsd_endpoints_and_interior():
@@ -132,6 +140,32 @@ def test_jsd_endpoints_and_interior():
             div("jsd", bad)
     with pytest.raises(ValueError, match="divergence"):
         div("kl")
+
+
+def test_total_variation_and_skew_kl_properties():
+    student, ids, lps = _problem()
+
+    def div(name, skew_alpha=SKEW_ALPHA):
+        return kd_divergence(student, ids, lps, temperature=2.0, divergence=name, skew_alpha=skew_alpha)
+
+    forward, reverse = div("forward_kl"), div("reverse_kl")
+    # skew_alpha = 0 is the plain KL; 1 compares a distribution with itself
+    torch.testing.assert_close(div("skew_forward_kl", 0.0), forward)
+    torch.testing.assert_close(div("skew_reverse_kl", 0.0), reverse)
+    torch.testing.assert_close(div("skew_forward_kl", 1.0), torch.zeros(12), atol=1e-6, rtol=0)
+    # the mixture keeps it below log(1 / skew_alpha) (and below the plain KL) however far the student is
+    for a in (0.1, 0.5):
+        skew = div("skew_forward_kl", a)
+        assert (skew <= math.log(1 / a) + 1e-6).all() and (skew <= forward + 1e-6).all() and (skew > 0).all()
+    # total variation: in [0, 1], symmetric in its definition, and a different number from the KLs
+    tv = div("total_variation")
+    assert (tv > 0).all() and (tv <= 1).all() and not torch.allclose(tv, forward, rtol=0.1)
+    p = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64)
+    q = torch.tensor([[0.1, 0.3, 0.6]], dtype=torch.float64)
+    torch.testing.assert_close(divergence64(p, q, "total_variation", 0), torch.tensor([0.6], dtype=torch.float64))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="skew_alpha"):
+            div("skew_forward_kl", bad)
 
 
 def test_tail_bucket_is_what_is_documented():
@@ -211,7 +245,8 @@ def _naive_loss(hidden, weight, targets, ids, lps, temperature, alpha, divergenc
     return (1 - alpha) * ce + alpha * temperature**2 * kd
 
 
-@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("total_variation", 0.5),
+                                             ("skew_forward_kl", 0.5), ("skew_reverse_kl", 0.5)])
 def test_chunked_equals_unchunked_values_and_gradients(divergence, beta):
     hidden, weight, targets, ids, lps = _head_problem()
     h0, w0 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()

@@ -261,18 +261,21 @@ def _header(path: Path) -> dict:
     return json.loads(raw[8 : 8 + size])
 
 
-def _rewrite(path: Path, edit_header=None, tensors=None, cut: int = 0) -> None:
-    """Rewrite a shard with an edited header (or tensors), or cut bytes off its end."""
+def _rewrite(path: Path, edit_header=None, tensors=None, cut: int = 0, metadata=None) -> None:
+    """Rewrite a shard with an edited header (the JSON under the format's key), other tensors or metadata, or cut
+    bytes off its end."""
     from safetensors.numpy import load, save
 
     raw = path.read_bytes()
-    if edit_header or tensors:
+    if edit_header or tensors or metadata:
         meta = _header(path)["__metadata__"]
         arrays = load(raw)
         if edit_header:
-            edit_header(meta)
+            fields = json.loads(meta["stillhouse-softlabels"])
+            edit_header(fields)
+            meta = {"stillhouse-softlabels": json.dumps(fields)}
         arrays.update(tensors or {})
-        raw = save(arrays, metadata=meta)
+        raw = save(arrays, metadata=metadata or meta)
     path.write_bytes(raw[: len(raw) - cut])
 
 
@@ -282,11 +285,13 @@ def _rewrite(path: Path, edit_header=None, tensors=None, cut: int = 0) -> None:
         (lambda p: _rewrite(p, cut=10), "not a readable soft-label shard"),
         (lambda p: p.write_bytes(b"\x00" * 40), "not a readable soft-label shard"),
         (lambda p: p.unlink(), "not a readable soft-label shard"),
-        (lambda p: _rewrite(p, edit_header=lambda m: m.update(format_version="2")), "format version 2"),
-        (lambda p: _rewrite(p, edit_header=lambda m: m.update(format="something-else")), "not a stillhouse soft-label shard"),
+        (lambda p: _rewrite(p, edit_header=lambda m: m.update(format_version=99)), "format version 99"),
+        (lambda p: _rewrite(p, metadata={"format": "stillhouse-softlabels", "format_version": "1"}), "format version 1"),
+        (lambda p: _rewrite(p, metadata={"format": "something-else"}), "not a stillhouse soft-label shard"),
         (lambda p: _rewrite(p, edit_header=lambda m: m.pop("topk")), "corrupt"),
         (lambda p: _rewrite(p, edit_header=lambda m: m.update(tokens="99")), "corrupt"),
-        (lambda p: _rewrite(p, tensors={"offsets": np.array([0, 9, 4], dtype=np.int64)}), "corrupt"),
+        (lambda p: _rewrite(p, tensors={"lengths": np.array([9, 4], dtype=np.uint8)}), "corrupt"),
+        (lambda p: _rewrite(p, tensors={"record_ids": np.array([1, 2, 3], dtype=np.uint8)}), "corrupt"),
     ],
 )
 def test_corrupt_or_foreign_shard_is_a_clear_error(tmp_path, damage, message):
@@ -334,3 +339,36 @@ def test_property_round_trip(tmp_path_factory, n, vocab, k, scale, temperature, 
     bound = 2 * (half_unit + fp16) + level + 1e-4  # own error + the level's (a weighted mean of them) + fp32
     near = r < 20  # beyond, stored values may be clipped (probability < 2e-9 of the best)
     assert ((got_lps.double() - lp).abs() <= bound)[near].all()
+
+
+def test_short_records_at_most_100_bytes_per_token_with_the_index(tmp_path):
+    """The demo's classification responses are ~5 tokens: the per-record index (length and id) and the header must
+    not push a full shard (256 records) over 100 bytes per token."""
+    vocab = 49_152
+    ids, lps = topk_logprobs(_lm_like_logits(256 * 5, vocab, seed=4).float(), 32, 2.0)
+    entries = [(f"intents-{3 * i:05d}", ids[5 * i : 5 * i + 5], lps[5 * i : 5 * i + 5]) for i in range(256)]
+    stats = write_shard(tmp_path / "s.safetensors", entries, vocab_size=vocab, topk=32, temperature=2.0)
+    assert stats["tokens"] == 1280 and stats["bytes_per_token"] <= 100, stats
+    reader = ShardReader(tmp_path / "s.safetensors")
+    assert reader.record_ids() == [e[0] for e in entries]
+    assert torch.equal(reader.get("intents-00021")[0], ids[35:40])
+    assert _header(tmp_path / "s.safetensors")["lengths"]["dtype"] == "U8"  # one byte per record
+
+
+def test_same_entries_same_bytes_in_another_process(tmp_path):
+    """safetensors writes several metadata keys in hash order, which differs between processes: a resumed or
+    multi-process labeling run would then not be byte-identical. The writer must not depend on it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from stillhouse.softlabels import topk_logprobs, write_shard\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "ids, lps = topk_logprobs(torch.randn(12, 300, generator=g), 8, 2.0)\n"
+        "write_shard(sys.argv[1], [('a', ids[:5], lps[:5]), ('b', ids[5:], lps[5:])], vocab_size=300, topk=8, temperature=2.0)\n"
+    )
+    paths = [tmp_path / f"s{i}.safetensors" for i in range(3)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=120)
+    assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()

@@ -102,12 +102,17 @@ def adapt(set_: Optional[List[str]] = SetOpt):
 
 
 @app.command()
-def label(set_: Optional[List[str]] = SetOpt):
+def label(set_: Optional[List[str]] = SetOpt,
+          shard: Optional[str] = typer.Option(None, "--shard", help="i/n: label only shards s with s % n == i (one of n "
+                                              "processes; under `accelerate launch` RANK/WORLD_SIZE do this)")):
     """Run the teacher once: responses for unlabeled records and top-k soft labels (labels/).
 
+    Resumes after a crash shard by shard. Any run that finds every shard done writes the manifest.
+
     Example: stillhouse -w my-project label --set label.topk=32 --set label.temperature=2
+    Example: stillhouse -w my-project label --shard 0/2 & stillhouse -w my-project label --shard 1/2
     """
-    _stage("label", set_)
+    _stage("label", set_, **({"shard": shard} if shard else {}))
 
 
 @app.command()
@@ -235,25 +240,66 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable"
 @student_app.command("derive")
 def student_derive(
     out: Path = typer.Argument(..., help="folder to write the student to"),
-    layers: str = typer.Option("6", help="how many layers to keep (evenly spaced), or a list like 0,5,11"),
+    from_: Optional[str] = typer.Option(None, "--from", help="the teacher: HF folder, .gguf file or asset:NAME (default: teacher.model)"),
+    layers: str = typer.Option("6", help="how many layers to keep, or a list of indices like 0,5,11"),
+    strategy: Optional[str] = typer.Option(
+        None, help="which layers: uniform (evenly spaced) or first-last (first N/2 and last N/2); default: student.derive_strategy"),
     set_: Optional[List[str]] = SetOpt,
 ):
-    """Derive a smaller student from the teacher by keeping a subset of its layers (as DistilBERT did).
+    """Derive a smaller student from a teacher by keeping a subset of its layers (as DistilBERT did). The folder
+    loads with plain transformers and carries the teacher's tokenizer, chat template and license (README.md
+    front-matter and LICENSE files), so `stillhouse check` can vet it.
 
-    Example: stillhouse -w my-project student derive models/student-6l --layers 6
+    Example: stillhouse -w my-project student derive models/student-6l --layers 6 --strategy first-last
     """
-    from stillhouse.models import count_parameters, derive_student, load_model, load_tokenizer, resolve_model, save_pretrained
+    import shutil
 
-    cfg = _cfg(set_)
-    src = resolve_model(cfg.teacher.model, cfg.workspace, cfg.teacher.sha256)
-    spec: int | list[int] = [int(x) for x in layers.split(",")] if "," in layers else int(layers)
-    teacher = load_model(src)
-    student, kept = derive_student(teacher, spec)
-    save_pretrained(student, load_tokenizer(src), out, {"derived_from": str(src.path), "kept_layers": kept})
-    console.print(f"wrote {out}: layers {kept} of {teacher.config.num_hidden_layers}, {count_parameters(student) / 1e6:.1f}M parameters")
+    from stillhouse.licenses import LICENSE_FILES, detect_license
+    from stillhouse.models import (count_parameters, derive_student, folder_size_bytes, load_model, load_tokenizer,
+                                   resolve_model, save_pretrained)
+    from stillhouse.workspace import atomic_write_text
+
+    cfg = load_config(_STATE["workspace"], set_, required=False)  # --from works without a workspace config
+    strategy = strategy or cfg.student.derive_strategy
+    if strategy not in ("uniform", "first-last"):
+        raise StillhouseError(f"--strategy {strategy!r}: must be uniform or first-last")
+    try:
+        spec: int | list[int] = [int(x) for x in layers.split(",")] if "," in layers else int(layers)
+    except ValueError:
+        raise StillhouseError(f"--layers {layers!r}: expected a number (6) or layer indices (0,5,11)") from None
+    if from_:
+        src, trust = resolve_model(from_, _STATE["workspace"]), False
+    else:
+        src, trust = resolve_model(cfg.teacher.model, cfg.workspace, cfg.teacher.sha256), cfg.teacher.trust_remote_code
+    found = detect_license(src)  # before the slow load: a model without a license is worth a warning first
+    teacher = load_model(src, "fp32", trust)
+    student, kept = derive_student(teacher, spec, strategy)
+    meta = {"derived_from": str(src.path), "kept_layers": kept, "strategy": strategy, "license": found["license"]}
+    save_pretrained(student, load_tokenizer(src, trust), out, meta)
+
+    # The student is a derivative of the teacher: same license. The terms' text goes along, and the model card
+    # says which license it is in the front-matter the license gate reads first.
+    for name in LICENSE_FILES:
+        if (src.folder / name).is_file():
+            shutil.copyfile(src.folder / name, Path(out) / name)
+    front = f"license: {found['license']}\n" if found["license"] else ""
+    atomic_write_text(Path(out) / "README.md", (
+        f"---\n{front}base_model: {json.dumps(str(src.ref or src.path))}\n---\n\n# Student derived from {src.path.name}\n\n"
+        f"Layers {kept} of the teacher's {teacher.config.num_hidden_layers} ({strategy}), written by "
+        f"`stillhouse student derive`. License: {found['license'] or 'unknown'} ({found['where'] or 'not found'}), "
+        "inherited from the teacher.\n"))
+    params = count_parameters(student)
+    console.print(f"wrote {out}: layers {kept} of {teacher.config.num_hidden_layers} ({strategy}), {params / 1e6:.1f}M "
+                  f"parameters, {folder_size_bytes(out) / 1e6:.0f} MB; license {found['license'] or 'unknown'}")
+    if not found["license"]:
+        console.print(f"[yellow]warning:[/] no license found for {src.path}; `stillhouse check` will stop on this student "
+                      "until its README.md front-matter says which license applies")
 
 
 def main() -> None:
+    from stillhouse.training import use_low_memory_allocator
+
+    use_low_memory_allocator()  # before any big allocation: chunked losses then keep a low peak RSS on glibc
     debug = "--debug" in sys.argv
     try:
         app(standalone_mode=False)

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from stillhouse.errors import StillhouseError
+
 # SPDX-style ids as the Hugging Face model card uses them. Anything permissive lets a derivative be used and
 # shipped with attribution only.
 PERMISSIVE = {
@@ -151,15 +153,26 @@ def _gguf_metadata(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
 
 
 def _front_matter(readme: Path) -> dict:
+    """The YAML between the leading `---` lines of a model card ({} when there is none). Malformed front-matter
+    is an error naming the file and line: read as "no license", it would hide the license it states."""
     text = readme.read_text(encoding="utf-8", errors="replace")
     m = re.match(r"^\ufeff?---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
     if not m:
         return {}
     try:
         data = yaml.safe_load(m.group(1))
-    except yaml.YAMLError:
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 2}" if mark else ""  # + the opening --- line, 1-based
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise StillhouseError(f"{readme}{where}: the model card's front-matter (between the --- lines) is not valid YAML "
+                              f"({problem}); fix it, e.g. `license: apache-2.0` on its own line") from None
+    if data is None:
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise StillhouseError(f"{readme}: the model card's front-matter must be key: value lines (like `license: mit`), "
+                              f"got a {type(data).__name__}")
+    return data
 
 
 def _from_card(meta: dict) -> str | None:

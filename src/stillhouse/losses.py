@@ -30,6 +30,12 @@ Divergences, per position, over the buckets (P = teacher, S = student):
     jsd          beta * KL(P || M) + (1 - beta) * KL(S || M),  M = beta * P + (1 - beta) * S,  0 < beta < 1
                  beta = 0 -> KL(P || S) (forward), beta = 1 -> KL(S || P) (reverse)
 
+    total_variation  1/2 * sum |P - S|                  bounded in [0, 1], symmetric
+    skew_forward_kl  KL(P || a * P + (1 - a) * S)       a = skew_alpha in [0, 1] (DistiLLM, Ko et al. 2024):
+                                                        a = 0 is forward KL; a > 0 keeps it finite and its
+                                                        gradient tame where the student puts ~0 mass
+    skew_reverse_kl  KL(S || a * S + (1 - a) * P)       the same for reverse KL
+
 The jsd endpoints follow TRL's GKD (generalized_jsd_loss): they are defined separately, because the mixture
 formula itself goes to 0 at both ends (about beta * KL(P||S) near 0, (1 - beta) * KL(S||P) near 1), so
 beta = 1e-6 is a near-zero loss, not "almost forward KL". beta outside [0, 1] is an error, never clamped.
@@ -47,7 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "total_variation", "skew_forward_kl", "skew_reverse_kl")
 _LOG_FLOOR = -100.0
 # Masks the teacher's ids out of the student's tail. Finite on purpose: if every entry is masked (duplicate ids
 # covering V), a log-sum-exp over -inf alone has a NaN gradient; this gives a huge value, floored, gradient 0.
@@ -65,24 +71,27 @@ def kd_divergence(
     temperature: float,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    skew_alpha: float = 0.1,
 ) -> Tensor:
     """Per-position divergence (N,) between the teacher's top-k + tail buckets and the student's, at temperature T.
 
     student_logits (N, V) raw logits (any dtype; math in fp32); teacher_ids (N, k) int64, ids < V;
-    teacher_logprobs (N, k) at temperature T. divergence: forward_kl | reverse_kl | jsd (with beta); the
-    buckets, the tail, the floors and the jsd endpoints are as in the module docstring.
+    teacher_logprobs (N, k) at temperature T. divergence: forward_kl | reverse_kl | jsd (with beta) |
+    total_variation | skew_forward_kl | skew_reverse_kl (with skew_alpha); the buckets, the tail, the floors
+    and the jsd endpoints are as in the module docstring.
     """
-    _check_options(temperature, divergence, beta)
+    _check_options(temperature, divergence, beta, skew_alpha)
     if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.shape[0] != student_logits.shape[0]:
         raise ValueError(
             f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs {tuple(teacher_logprobs.shape)} must be (N, k) "
             f"with N = {student_logits.shape[0]} (student_logits' rows)"
         )
     _check_ids(teacher_ids, student_logits.shape[-1])
-    return _bucket_divergence(student_logits, teacher_ids, teacher_logprobs, temperature, divergence, beta)
+    return _bucket_divergence(student_logits, teacher_ids, teacher_logprobs, temperature, divergence, beta, skew_alpha)
 
 
-def _bucket_divergence(student_logits, teacher_ids, teacher_logprobs, temperature, divergence, beta) -> Tensor:
+def _bucket_divergence(student_logits, teacher_ids, teacher_logprobs, temperature, divergence, beta,
+                       skew_alpha) -> Tensor:
     with torch.autocast(student_logits.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
         z = student_logits.float()
         if temperature != 1.0:
@@ -100,6 +109,15 @@ def _bucket_divergence(student_logits, teacher_ids, teacher_logprobs, temperatur
             div = _kl(log_p, log_s)
         elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
             div = _kl(log_s, log_p)
+        elif divergence == "total_variation":
+            div = 0.5 * (log_p.exp() - log_s.exp()).abs().sum(-1)
+        elif divergence in ("skew_forward_kl", "skew_reverse_kl"):
+            a, b = (log_p, log_s) if divergence == "skew_forward_kl" else (log_s, log_p)
+            if skew_alpha == 0.0:
+                div = _kl(a, b)
+            else:  # KL(A || skew_alpha * A + (1 - skew_alpha) * B), the mixture in log space
+                log_mix = torch.logaddexp(a + math.log(skew_alpha), b + math.log1p(-skew_alpha)) if skew_alpha < 1 else a
+                div = _kl(a, log_mix)
         else:  # mixture M = beta * P + (1 - beta) * S, in log space
             log_m = torch.logaddexp(log_p + math.log(beta), log_s + math.log1p(-beta))  # (N, k+1)
             div = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_s, log_m)
@@ -123,13 +141,15 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     return (log_a.exp() * (log_a - log_b)).sum(-1)
 
 
-def _check_options(temperature: float, divergence: str, beta: float) -> None:
+def _check_options(temperature: float, divergence: str, beta: float, skew_alpha: float = 0.1) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}")
+    if not 0.0 <= skew_alpha <= 1.0:
+        raise ValueError(f"skew_alpha must be in [0, 1] (0 = plain KL), got {skew_alpha}")
 
 
 def _check_ids(teacher_ids: Tensor, vocab_size: int) -> None:
@@ -148,6 +168,7 @@ class _Options:
     temperature: float
     divergence: str
     beta: float
+    skew_alpha: float
     ce_weight: float  # 1 - alpha
     kd_weight: float  # alpha * T^2, 0 without a teacher
     chunk_tokens: int
@@ -164,6 +185,7 @@ def distill_loss(
     alpha: float = 0.5,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    skew_alpha: float = 0.1,
     chunk_tokens: int = 1024,
 ) -> dict:
     """The training loss from the student's final hidden states, without ever holding (N, V) logits.
@@ -194,7 +216,7 @@ def distill_loss(
         if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 2 or teacher_ids.shape[0] != n:
             raise ValueError(f"teacher_ids and teacher_logprobs must both be (N, k) with N = {n}")
         _check_ids(teacher_ids, vocab)
-    _check_options(temperature, divergence, beta)
+    _check_options(temperature, divergence, beta, skew_alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (0 = cross-entropy only), got {alpha}")
     if chunk_tokens < 1:
@@ -203,6 +225,7 @@ def distill_loss(
         temperature=float(temperature),
         divergence=divergence,
         beta=float(beta),
+        skew_alpha=float(skew_alpha),
         ce_weight=1.0 - alpha if teacher_ids is not None else 1.0,
         kd_weight=alpha * temperature**2 if teacher_ids is not None else 0.0,
         chunk_tokens=int(chunk_tokens),
@@ -228,7 +251,8 @@ def _chunk_sums(hidden, head_weight, targets, teacher_ids, teacher_logprobs, opt
         ce = (torch.logsumexp(logits, -1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
         if teacher_ids is None:
             return ce, ce.new_zeros(())
-        kd = _bucket_divergence(logits, teacher_ids, teacher_logprobs, opts.temperature, opts.divergence, opts.beta).sum()
+        kd = _bucket_divergence(logits, teacher_ids, teacher_logprobs, opts.temperature, opts.divergence, opts.beta,
+                                opts.skew_alpha).sum()
     return ce, kd
 
 

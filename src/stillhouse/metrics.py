@@ -220,3 +220,40 @@ def bootstrap_ci(
     tail = (1 - confidence) / 2 * 100
     lo, hi = np.percentile(values, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------------------------- memorization
+
+
+def roc_auc(positive: list[float], negative: list[float]) -> float:
+    """Area under the ROC curve of a score that should be higher for `positive`: the probability that a random
+    positive outscores a random negative, ties counting half (the Mann-Whitney U statistic). 0.5 = no signal."""
+    import numpy as np
+
+    pos, neg = np.asarray(positive, dtype=float), np.asarray(negative, dtype=float)
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    # ranks of the pooled scores (ties get their average rank): U = sum of positive ranks - n_pos (n_pos + 1) / 2
+    pooled = np.concatenate([pos, neg])
+    order = pooled.argsort(kind="mergesort")
+    ranks = np.empty(pooled.size)
+    ranks[order] = np.arange(1, pooled.size + 1)
+    for value in np.unique(pooled):  # average the ranks of tied scores
+        tied = pooled == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    u = ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2
+    return float(u / (pos.size * neg.size))
+
+
+def exposure(canary_log_ppl: float, candidate_log_ppl: list[float]) -> float:
+    """Exposure of a secret canary in bits (Carlini et al. 2019, "The Secret Sharer"): log2 |R| - log2 rank,
+    where R is the canary plus the random candidates of the same format and rank is the canary's 1-based
+    position when R is sorted by log-perplexity (lowest = most likely first). A canary the model did not learn
+    ranks uniformly at random (expected exposure about 1.4 bits); one it reproduces ranks first and gets the
+    maximum, log2 |R| (13.3 bits for 10,000 candidates). Ties with candidates count against the canary."""
+    import numpy as np
+
+    cands = np.asarray(candidate_log_ppl, dtype=float)
+    rank = 1 + int((cands <= canary_log_ppl).sum())
+    return float(math.log2(cands.size + 1) - math.log2(rank))

@@ -208,24 +208,35 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def evenly_spaced_layers(total: int, keep: int) -> list[int]:
-    """`keep` layer indices spread over `total`, always including the first and the last."""
+DERIVE_STRATEGIES = ("uniform", "first-last")
+
+
+def evenly_spaced_layers(total: int, keep: int, strategy: str = "uniform") -> list[int]:
+    """`keep` of `total` layer indices. "uniform": spread evenly, always including the first and the last;
+    "first-last": the first ceil(keep/2) and the last floor(keep/2) layers (the bottom layers read tokens, the top
+    ones write the next token; the middle is the most redundant)."""
     if not 1 <= keep <= total:
         raise StillhouseError(f"student.derive_layers={keep}: must be between 1 and the teacher's {total} layers")
+    if strategy == "first-last":
+        last = keep // 2
+        return list(range(keep - last)) + list(range(total - last, total))
+    if strategy != "uniform":
+        raise StillhouseError(f"student.derive_strategy={strategy!r}: must be one of {', '.join(DERIVE_STRATEGIES)}")
     if keep == 1:
         return [total - 1]
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
-def derive_student(teacher, layers: int | list[int]):
+def derive_student(teacher, layers: int | list[int], strategy: str = "uniform"):
     """A smaller model of the same family: the teacher's embeddings, these decoder layers, final norm and head.
-    DistilBERT initialised its student from every other teacher layer; we keep evenly spaced ones."""
+    DistilBERT initialised its student from every other teacher layer; we keep `layers` of them chosen by
+    `strategy` (see evenly_spaced_layers), or exactly the listed indices."""
     import copy
 
     import torch
 
     total = teacher.config.num_hidden_layers
-    keep = evenly_spaced_layers(total, layers) if isinstance(layers, int) else sorted(layers)
+    keep = evenly_spaced_layers(total, layers, strategy) if isinstance(layers, int) else sorted(layers)
     if any(not 0 <= i < total for i in keep) or len(set(keep)) != len(keep):
         raise StillhouseError(f"student.derive_layers={layers}: indices must be distinct and in 0..{total - 1}")
     config = copy.deepcopy(teacher.config)

@@ -2,7 +2,14 @@
 
 This module is the only code that knows the bytes. A shard is a safetensors file (tensors + a string metadata
 dict, never pickle) holding the labels of many records; `write_shard` writes one atomically, `ShardReader`
-memory-maps one and decodes a record at a time.
+memory-maps one and decodes a record at a time. The same entries always give the same bytes (the metadata is one
+key holding sorted JSON: safetensors writes several keys in hash order, which changes from process to process), so
+a resumed or multi-process labeling run is byte-identical to a single uninterrupted one.
+
+Per record, the index holds its number of positions (`lengths`, in the smallest unsigned integer type that fits:
+one byte for responses under 256 tokens) and its id (`record_ids`: the JSON list of ids, zlib-compressed, ~3
+bytes per id for sequential ids like `intents-00017`, against ~17 as plain JSON): on short responses (classification
+labels are ~5 tokens) a per-record int64 offset and plain id cost ~5 bytes per token.
 
 What is stored, per response position (teacher log-probabilities `lp` at temperature T, full-vocabulary
 log-softmax first, then top-k, sorted so lp[0] >= lp[1] >= ... >= lp[k-1]; r_j = lp[0] - lp[j] >= 0):
@@ -28,7 +35,7 @@ s is the smallest step on a 2**(1/16) ladder for which every code fits its bits;
 and fewer bits because they carry less probability.
 
 Bytes per token (k >= 17): k * id_bits / 8 + 11 + (36 + 56 + 6 * (k - 17)) / 8 = 64 + 11 + 22.75 = 97.75 at
-k = 32, V = 49,152, plus a few bytes per record (its offset and id) and the header. On real SmolLM2-135M logits the
+k = 32, V = 49,152, plus ~4 bytes per record (the index above) and the header (~0.7 KB per shard). On real SmolLM2-135M logits the
 reconstruction KL this adds is 0.3-0.4x that of float16 log-probabilities + int32 ids (192 bytes per token);
 see `reconstruction_kl` and tests/test_softlabels.py.
 
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +59,7 @@ from stillhouse.errors import StillhouseError
 from stillhouse.workspace import atomic_write_bytes
 
 FORMAT_NAME = "stillhouse-softlabels"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one sorted-JSON metadata key, per-record lengths + compressed ids (1: int64 offsets)
 LOGPROB_FLOOR = -100.0
 _HEAD_EXACT = 4  # r_1..r_4 as float16
 # gap-code schedule: (last rank of the segment, bits per code, grid unit in steps s); the last runs to k - 1
@@ -107,6 +115,10 @@ def reconstruction_kl(full_logprobs: Tensor, ids: Tensor, logprobs: Tensor) -> f
 
 
 # --------------------------------------------------------------------------------------------- bit packing
+
+
+def _length_dtype(longest: int):
+    return next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if longest <= np.iinfo(t).max)
 
 
 def _id_bits(vocab_size: int) -> int:
@@ -234,7 +246,7 @@ def write_shard(path: Path, entries: list[tuple[str, Tensor, Tensor]], *, vocab_
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 1 <= topk <= vocab_size:
         raise ValueError(f"topk must be in 1..vocab_size ({vocab_size}), got {topk}")
-    record_ids, all_ids, all_lp, offsets = [], [], [], [0]
+    record_ids, all_ids, all_lp, lengths = [], [], [], []
     for record_id, ids, logprobs in entries:
         if not isinstance(record_id, str):
             raise ValueError(f"record id must be a string, got {record_id!r}")
@@ -245,7 +257,7 @@ def write_shard(path: Path, entries: list[tuple[str, Tensor, Tensor]], *, vocab_
         record_ids.append(record_id)
         all_ids.append(ids)
         all_lp.append(logprobs)
-        offsets.append(offsets[-1] + ids.shape[0])
+        lengths.append(ids.shape[0])
     if len(set(record_ids)) != len(record_ids):
         raise ValueError(f"{path}: duplicate record ids in one shard")
     ids = torch.cat(all_ids) if all_ids else torch.zeros(0, topk, dtype=torch.long)  # (N, k)
@@ -266,22 +278,17 @@ def write_shard(path: Path, entries: list[tuple[str, Tensor, Tensor]], *, vocab_
     fields = _encode_logprobs(lp.numpy())
     tensors = {
         "ids": _pack_bits(ids.numpy(), [bits] * topk),  # (ceil(N * k * bits / 8),) uint8
-        "offsets": np.asarray(offsets, dtype=np.int64),  # (R + 1,) record r = positions offsets[r]:offsets[r + 1]
+        "lengths": np.asarray(lengths, dtype=_length_dtype(max(lengths, default=0))),  # (R,) positions per record
+        # (zlib: the stdlib's, deterministic for a given input and level; sequential ids shrink ~6x)
+        "record_ids": np.frombuffer(zlib.compress(json.dumps(record_ids, ensure_ascii=False).encode(), 9), dtype=np.uint8),
         "tail_logit": fields["tail_logit"],  # (N,) float16
         "head_gaps": fields["head_gaps"],  # (N, min(k - 1, 4)) float16
         "step_code": fields["step_code"],  # (N,) uint8
         "gap_codes": _pack_bits(fields["gap_codes"], _code_widths(topk)),  # (ceil(N * code bits / 8),) uint8
     }
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "vocab_size": str(vocab_size),
-        "topk": str(topk),
-        "temperature": repr(float(temperature)),
-        "id_bits": str(bits),
-        "tokens": str(tokens),
-        "record_ids": json.dumps(record_ids, ensure_ascii=False),
-    }
+    header = {"format_version": FORMAT_VERSION, "vocab_size": vocab_size, "topk": topk,
+              "temperature": float(temperature), "id_bits": bits, "tokens": tokens}
+    metadata = {FORMAT_NAME: json.dumps(header, sort_keys=True)}  # one key: the bytes do not depend on hash order
     from safetensors.numpy import save
 
     data = save(tensors, metadata=metadata)
@@ -306,12 +313,18 @@ class ShardReader:
         redo = "delete it and re-run `stillhouse label` to write it again"
         try:
             self._file = safe_open(str(self.path), framework="numpy")  # mmap; slices are read on demand
-            raw = self._file.metadata() or {}
+            metadata = self._file.metadata() or {}
         except Exception as e:  # SafetensorError, OSError: the message says which
             raise StillhouseError(f"{self.path}: not a readable soft-label shard ({e}); {redo}") from None
-        if raw.get("format") != FORMAT_NAME:
-            raise StillhouseError(f"{self.path}: not a stillhouse soft-label shard; {redo}")
-        if raw.get("format_version") != str(FORMAT_VERSION):
+        try:
+            raw = json.loads(metadata[FORMAT_NAME])
+        except (KeyError, ValueError):
+            raw = None
+        if not isinstance(raw, dict):
+            if metadata.get("format") != FORMAT_NAME:  # (version 1 kept its fields as separate keys)
+                raise StillhouseError(f"{self.path}: not a stillhouse soft-label shard; {redo}")
+            raw = {"format_version": metadata.get("format_version")}
+        if raw.get("format_version") != FORMAT_VERSION:
             raise StillhouseError(
                 f"{self.path}: soft-label format version {raw.get('format_version')}, this stillhouse reads version "
                 f"{FORMAT_VERSION}; {redo}"
@@ -325,10 +338,11 @@ class ShardReader:
                 "id_bits": int(raw["id_bits"]),
                 "tokens": int(raw["tokens"]),
             }
-            self._record_ids = json.loads(raw["record_ids"])
-            self._offsets = self._file.get_tensor("offsets")  # (R + 1,) int64, small
+            self._record_ids = json.loads(zlib.decompress(self._file.get_tensor("record_ids").tobytes()))
+            lengths = self._file.get_tensor("lengths").astype(np.int64)  # (R,) small
+            self._offsets = np.concatenate([[0], np.cumsum(lengths)])  # (R + 1,) record r = offsets[r]:offsets[r + 1]
             self._check_layout()
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, zlib.error) as e:
             raise StillhouseError(f"{self.path}: corrupt soft-label shard ({e}); {redo}") from None
         self._index = {rid: i for i, rid in enumerate(self._record_ids)}
 
@@ -337,7 +351,7 @@ class ShardReader:
         n, k = m["tokens"], m["topk"]
         expected = {
             "ids": ((n * k * m["id_bits"] + 7) // 8,),
-            "offsets": (len(self._record_ids) + 1,),
+            "lengths": (len(self._record_ids),),
             "tail_logit": (n,),
             "head_gaps": (n, min(_HEAD_EXACT, k - 1)),
             "step_code": (n,),
@@ -348,8 +362,8 @@ class ShardReader:
                 raise KeyError(f"tensor {name!r} missing")
             if tuple(self._file.get_slice(name).get_shape()) != shape:
                 raise ValueError(f"tensor {name!r} has shape {self._file.get_slice(name).get_shape()}, expected {list(shape)}")
-        if off[0] != 0 or off[-1] != n or (np.diff(off) < 0).any():
-            raise ValueError("record offsets are inconsistent")
+        if off[-1] != n:
+            raise ValueError(f"record lengths add up to {off[-1]} positions, the header says {n}")
         if m["id_bits"] != _id_bits(m["vocab_size"]) or not 1 <= k <= m["vocab_size"]:
             raise ValueError("id_bits, topk and vocab_size do not agree")
 

@@ -17,11 +17,33 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from stillhouse.ui import console, progress_bar
+
+
+def use_low_memory_allocator(mmap_threshold_bytes: int = 65536) -> bool:
+    """Make glibc return freed large buffers to the OS at once; True when it was applied.
+
+    The chunked loss frees a (chunk, V) fp32 buffer per chunk. glibc's default threshold grows with such frees
+    and then keeps them on its heap: peak RSS of a chunked loss was +2.3 GB instead of +0.4 GB (PITFALLS.md).
+    `mallopt(M_MMAP_THRESHOLD, 64 KiB)` is what `MALLOC_MMAP_THRESHOLD_=65536` does, but it also works after
+    the process started (the env var is read only at start). A threshold the user set in that env var wins.
+    """
+    import ctypes
+    import os
+    import platform
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # from <malloc.h>
+    return libc.mallopt(m_mmap_threshold, mmap_threshold_bytes) == 1
 
 
 @dataclass
@@ -111,12 +133,15 @@ class FitParams:
     temperature: float = 1.0
     divergence: str = "forward_kl"
     jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
     precision: str = "bf16"
     eval_every_steps: int = 25
     early_stopping_patience: int = 0
     keep_checkpoints: int = 2
     loss_chunk_tokens: int = 1024
     seed: int = 0
+    eval_samples: int = 3  # validation records whose greedy output goes to samples.jsonl at every evaluation
+    lr_setting: str = "train.learning_rate"  # the config key that sets learning_rate, named in error messages
 
 
 def lr_at(step: int, p: FitParams) -> float:
@@ -164,15 +189,22 @@ def evaluate(model, examples: list[Example], pad_id: int, batch_size: int = 32) 
 
 def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams, out_dir: Path,
         meta: dict, label: str = "train") -> dict:
-    """Train `model` in place; write `step-NNNNNN/`, `best/` (by val_score), `final/`, `metrics.jsonl` in `out_dir`.
+    """Train `model` in place; write `step-NNNNNN/`, `best/` (by val_score), `final/`, `metrics.jsonl` and
+    `samples.jsonl` (a few greedy validation outputs per evaluation) in `out_dir`.
 
-    Resumes from `out_dir/resume/` (model, optimizer, step, RNG) after a crash or Ctrl-C.
+    Resumes from `out_dir/resume/` (model, optimizer, step, data order, Python and torch RNG) after a crash or
+    Ctrl-C: rows logged after that checkpoint are dropped, so on CPU the result equals an uninterrupted run.
+    A NaN/inf loss or gradient stops with a StillhouseError naming the step; the last good checkpoint is kept.
     Returns a summary: best step and score, final metrics, tokens/s."""
     import torch
 
+    from stillhouse.errors import StillhouseError
     from stillhouse.losses import distill_loss
     from stillhouse.models import save_pretrained
 
+    if not train:
+        raise StillhouseError(f"{label}: no training examples (the training split is empty); add labeled records "
+                              f"to the sources and re-run prep (and label)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pad_id = tokenizer.pad_token_id
@@ -180,18 +212,27 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
     rng = random.Random(p.seed)
     trainable = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
-    metrics_path = out_dir / "metrics.jsonl"
-    state = {"step": 0, "best_score": -1.0, "best_step": None, "bad_evals": 0, "order": [], "cursor": 0}
+    metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
+    state = {"step": 0, "best_score": -1.0, "best_step": None, "bad_evals": 0, "order": [], "cursor": 0,
+             "params": asdict(p)}
 
     resume = out_dir / "resume"
-    if (resume / "state.json").exists():
-        state = json.loads((resume / "state.json").read_text())
-        model.load_state_dict(torch.load(resume / "model.pt", weights_only=True), strict=False)
-        opt.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+    saved = _last_resume_state(out_dir)
+    if saved is not None:
+        state = json.loads((saved / "state.json").read_text())
+        model.load_state_dict(torch.load(saved / "model.pt", weights_only=True), strict=False)
+        opt.load_state_dict(torch.load(saved / "optimizer.pt", weights_only=True))
         rng.setstate(_tuplify(state.pop("rng")))
-        console.print(f"[yellow]{label}: resuming at step {state['step']} from {resume}[/]")
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run: old curves would mislead
+        torch.set_rng_state(torch.load(saved / "torch_rng.pt", weights_only=True))
+        for path in (metrics_path, samples_path):  # rows logged after the checkpoint are re-done now
+            _truncate_jsonl(path, state["step"])
+        changed = sorted(k for k, v in asdict(p).items() if state.get("params", {}).get(k) != v)
+        console.print(f"[yellow]{label}: resuming at step {state['step']} from {saved}"
+                      + (f" (changed since: {', '.join(changed)})" if changed else "") + "[/]")
+        state["params"] = asdict(p)
+    else:
+        for path in (metrics_path, samples_path):
+            path.unlink(missing_ok=True)  # a fresh run: old curves would mislead
 
     def next_batch() -> list[Example]:
         out = []
@@ -203,11 +244,21 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
             state["cursor"] += 1
         return out
 
-    def log(row: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    def log(path: Path, rows: list[dict]) -> None:
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
 
-    def checkpoint(step: int, score: float) -> None:
+    def diverged(step: int, what: str) -> StillhouseError:
+        kept = (f"the last good checkpoint (step {state['step_saved']}) is kept in {out_dir}, and a re-run "
+                f"continues from it" if state.get("step_saved") else "no checkpoint had been written yet")
+        return StillhouseError(
+            f"{label}: {what} became NaN/inf at step {step} (learning rate {lr_at(step - 1, p):.3g}); lower the "
+            f"learning rate (e.g. --set {p.lr_setting}={p.learning_rate / 10:g}) and re-run; {kept}")
+
+    def checkpoint(step: int, ev: dict) -> None:
+        if not math.isfinite(ev["val_loss"]) or not all(bool(torch.isfinite(q).all()) for q in trainable):
+            raise diverged(step, "the validation loss or the weights")
+        score = ev["val_score"]
         name = f"step-{step:06d}"
         save_pretrained(_mergeable(model), tokenizer, out_dir / name, {**meta, "step": step, "val_score": score})
         if score > state["best_score"]:
@@ -218,15 +269,35 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
         steps = sorted(d for d in out_dir.glob("step-*") if d.is_dir())
         for old in steps[: -p.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-        # resume state last: a crash before this line re-does at most one eval interval
+        # resume state last (a crash before this re-does at most one eval interval), into a temp folder whose
+        # state.json is written last: a kill at any moment leaves one complete copy (see _last_resume_state)
+        state["step_saved"] = step
         tmp = out_dir / ".resume.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        torch.save({k: v for k, v in model.state_dict().items()}, tmp / "model.pt")
+        torch.save(model.state_dict(), tmp / "model.pt")
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")  # dropout (LoRA) draws from it
         (tmp / "state.json").write_text(json.dumps({**state, "rng": rng.getstate()}))
         shutil.rmtree(resume, ignore_errors=True)
         tmp.rename(resume)
+
+    def write_samples(step: int) -> None:
+        """Greedy outputs for the first few validation records (the same ones every time, to compare steps)."""
+        from stillhouse.records import generate
+
+        chosen = val[: p.eval_samples]
+        if not chosen:
+            return
+        refs = [e.input_ids[e.prompt_len:] for e in chosen]
+        model.eval()
+        outs = generate(model, tokenizer, [e.input_ids[: e.prompt_len] for e in chosen],
+                        max_new_tokens=min(64, max(len(r) for r in refs) + 4))
+        model.train()
+        log(samples_path, [{"step": step, "record_id": e.record_id, "task": e.task,
+                            "prompt": tokenizer.decode(e.input_ids[: e.prompt_len], skip_special_tokens=True),
+                            "reference": tokenizer.decode(ref, skip_special_tokens=True).strip(), "output": out}
+                           for e, ref, out in zip(chosen, refs, outs)])
 
     use_bf16 = p.precision == "bf16"
     model.train()
@@ -234,10 +305,12 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
     with progress_bar(label, total=p.steps, unit="step") as advance:
         advance(state["step"])
         while state["step"] < p.steps:
-            step = state["step"]
+            step = state["step"] + 1  # the step being taken, as logged and as folders are named
+            t_step = time.time()
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, p)
+                group["lr"] = lr_at(step - 1, p)
             totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+            step_tokens = 0
             for _ in range(p.grad_accum_steps):
                 batch = collate(next_batch(), pad_id)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
@@ -245,22 +318,30 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
                 out = distill_loss(
                     hidden, head, batch.targets, batch.teacher_ids if p.alpha > 0 else None,
                     batch.teacher_logprobs if p.alpha > 0 else None, temperature=p.temperature, alpha=p.alpha,
-                    divergence=p.divergence, beta=p.jsd_beta, chunk_tokens=p.loss_chunk_tokens,
+                    divergence=p.divergence, beta=p.jsd_beta, skew_alpha=p.skew_alpha,
+                    chunk_tokens=p.loss_chunk_tokens,
                 )
+                if not torch.isfinite(out["loss"]):
+                    raise diverged(step, "the training loss")
                 (out["loss"] / p.grad_accum_steps).backward()
-                tokens_seen += int(batch.attention_mask.sum())
+                step_tokens += int(batch.attention_mask.sum())
                 for k in totals:
                     totals[k] += float(out[k].detach()) / p.grad_accum_steps
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            if not torch.isfinite(grad_norm):  # stop before the step: the weights stay the last good ones
+                raise diverged(step, "the gradient")
             opt.step()
             opt.zero_grad(set_to_none=True)
-            state["step"] = step = step + 1
-            log({"step": step, **{k: round(v, 5) for k, v in totals.items()}, "lr": lr_at(step - 1, p)})
+            state["step"] = step
+            tokens_seen += step_tokens
+            log(metrics_path, [{"step": step, **{k: round(v, 5) for k, v in totals.items()}, "lr": lr_at(step - 1, p),
+                                "tokens_per_s": round(step_tokens / max(time.time() - t_step, 1e-9), 1)}])
             advance(1, info=f"loss {totals['loss']:.3f}")
             if step % p.eval_every_steps == 0 or step == p.steps:
                 ev = evaluate(model, val, pad_id) if val else {"val_score": -totals["loss"], "val_loss": totals["loss"]}
-                log({"step": step, **ev})
-                checkpoint(step, ev["val_score"])
+                log(metrics_path, [{"step": step, **ev}])
+                write_samples(step)  # before the checkpoint: a resume from it never lacks this step's samples
+                checkpoint(step, ev)
                 if p.early_stopping_patience and state["bad_evals"] >= p.early_stopping_patience:
                     stopped_early = True
                     console.print(f"{label}: early stop at step {step} (no improvement in {state['bad_evals']} evals)")
@@ -273,6 +354,31 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
         "stopped_early": stopped_early, "train_seconds": round(seconds, 1),
         "train_tokens_per_second": round(tokens_seen / max(seconds, 1e-9), 1),
     }
+
+
+def _last_resume_state(out_dir: Path) -> Path | None:
+    """The newest complete resume folder: `.resume.tmp/` when a kill hit between writing it and renaming it to
+    `resume/` (its state.json is written last, so its presence means complete), else `resume/`, else None."""
+    for d in (out_dir / ".resume.tmp", out_dir / "resume"):
+        if (d / "state.json").exists():
+            return d
+    return None
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the rows of steps <= last_step (and drop a line torn by a kill)."""
+    from stillhouse.workspace import atomic_write_text
+
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(kept))
 
 
 def _mergeable(model):

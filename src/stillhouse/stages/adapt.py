@@ -40,7 +40,7 @@ def run(cfg: Config) -> dict | None:
         raise StillhouseError("adapt: data/train.jsonl has no labeled records; add labeled data, widen teacher.adapt.tasks, or set teacher.adapt.enabled=false")
     params = FitParams(steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate, alpha=0.0,
                        eval_every_steps=max(1, a.steps // 3), keep_checkpoints=1, seed=cfg.train.seed,
-                       warmup_steps=min(10, a.steps // 5))
+                       warmup_steps=min(10, a.steps // 5), lr_setting="teacher.adapt.learning_rate")
     summary = fit(model, tok, train, val, params, run_.dir,
                   meta={"made_by": "stillhouse adapt", "base": cfg.teacher.model}, label="adapt teacher")
     console.print(f"adapt: best val score {summary['best_val_score']:.3f} at step {summary['best_step']}")

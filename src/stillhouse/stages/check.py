@@ -1,14 +1,16 @@
 """`stillhouse check`: before anyone spends GPU hours, may this teacher and student be used together, how can
 they be distilled, and do they fit the hardware?
 
-Three gates, answered from configs, GGUF metadata and tokenizers only (no weights are loaded, so it takes
-seconds):
+Three gates and a self-test, answered from configs, GGUF metadata and tokenizers only (no weights are loaded, so
+it takes seconds):
 
 1. license: the teacher's and student's licenses (stillhouse.licenses), and the provenance of data/train.jsonl;
 2. tokenizer: identical vocabularies -> token-level KD; padding rows only -> token-level KD on the shared rows
    ("token-sliced"); otherwise sequence-level KD (the student learns from teacher-generated text);
 3. hardware: peak memory of labeling, training (full and LoRA) and quantized serving, per GPU size and for
-   this machine's RAM, with changes that would make a phase fit.
+   this machine's RAM, with changes that would make a phase fit;
+4. offline: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE are in force, and the configs and
+   tokenizers read above came from local files (which ones).
 
 Writes check/report.json and check/report.md. License acceptances (what, when, by whom) go into the manifest.
 A gate that says no raises GateError after the report is written and without a manifest, so a re-run checks
@@ -18,6 +20,7 @@ again.
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import platform
 import time
@@ -38,6 +41,15 @@ GB = 1e9
 
 # Architectures whose MLP is up -> act -> down (2 matrices) instead of gate/up/down (3).
 _NON_GATED_MLP = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2", "gpt_bigcode", "bert"}
+
+# config.json keys the plan cannot do without (any one name of each group); the rest have sound defaults.
+_REQUIRED_CONFIG_FIELDS = [
+    ("model_type",), ("vocab_size",), ("hidden_size", "n_embd", "d_model"),
+    ("num_hidden_layers", "n_layer", "num_layers"), ("num_attention_heads", "n_head"),
+]
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                    "special_tokens_map.json", "chat_template.jinja")
 
 # Text that both tokenizers must split into the same ids for token-level KD: identical vocabularies with other
 # merges or normalizers would silently misalign every label.
@@ -60,6 +72,20 @@ def read_model_config(src: ModelSource, trust_remote_code: bool = False) -> dict
         return _gguf_config(src)
     from transformers import AutoConfig
 
+    # transformers fills missing fields with its defaults (a Llama config without hidden_size becomes 4096 wide),
+    # so a truncated config.json would give a plan for another model: read it ourselves first.
+    path = src.folder / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise StillhouseError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); restore the model's config.json") from None
+    if not isinstance(raw, dict):
+        raise StillhouseError(f"{path}: expected a JSON object with the model's settings; restore the model's config.json")
+    fields = {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
+    missing = [names[0] for names in _REQUIRED_CONFIG_FIELDS if not any(n in fields for n in names)]
+    if missing:
+        raise StillhouseError(f"{path}: missing {', '.join(missing)}; this does not look like a complete causal language "
+                              "model config: restore the model's config.json")
     try:
         config = AutoConfig.from_pretrained(str(src.folder), local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -87,12 +113,13 @@ def _gguf_config(src: ModelSource) -> dict:
     return config
 
 
-def derived_student_config(teacher_config: dict, derive_layers: int | list[int]) -> dict:
-    """The config of a student derived from the teacher: the same, with only the kept layers."""
+def derived_student_config(teacher_config: dict, derive_layers: int | list[int], strategy: str = "uniform") -> dict:
+    """The config of a student derived from the teacher: the same, with only the kept layers (listed in
+    `_kept_layers`, which is not a transformers key)."""
     config = dict(teacher_config)
     text = dict(config["text_config"]) if isinstance(config.get("text_config"), dict) else config
     total = model_shape(teacher_config)["layers"]
-    keep = evenly_spaced_layers(total, derive_layers) if isinstance(derive_layers, int) else sorted(derive_layers)
+    keep = evenly_spaced_layers(total, derive_layers, strategy) if isinstance(derive_layers, int) else sorted(derive_layers)
     if any(not 0 <= i < total for i in keep) or len(set(keep)) != len(keep):
         raise StillhouseError(f"student.derive_layers={derive_layers}: indices must be distinct and in 0..{total - 1}")
     text["num_hidden_layers"] = len(keep)
@@ -100,6 +127,7 @@ def derived_student_config(teacher_config: dict, derive_layers: int | list[int])
         text["layer_types"] = [text["layer_types"][i] for i in keep]
     if text is not config:
         config["text_config"] = text
+    config["_kept_layers"] = keep
     return config
 
 
@@ -161,60 +189,85 @@ def _lora_params(shape: dict, rank: int) -> int:
 # ---------------------------------------------------------------------------------------------- memory
 
 
+def _decoder_params(shape: dict) -> int:
+    """Parameters of the decoder layers alone: the matrices bf16 autocast keeps a cast copy of."""
+    return count_params(shape) - shape["vocab"] * shape["hidden"] * (1 if shape["tied"] else 2) - shape["hidden"]
+
+
+def _loss_chunk_bytes(s: dict, tokens: int, cfg: Config, head_trained: bool) -> float:
+    """losses.distill_loss on one chunk of (c, V): logits in the compute dtype and ~5 fp32 (c, V) buffers (upcast
+    logits, the student's tail, their gradients); the head cast to the compute dtype, and, when the head is
+    trained, its fp32 gradient accumulator plus the chunk's own (V, H) gradient."""
+    b = 2 if cfg.train.precision == "bf16" else 4
+    c = min(tokens, cfg.train.loss_chunk_tokens)
+    return c * s["vocab"] * (b + 20) + s["vocab"] * s["hidden"] * (b + (8 if head_trained else 0))
+
+
 def _phase_bytes(t: dict, s: dict, cfg: Config) -> dict[str, dict[str, float]]:
-    """Peak bytes per phase, by part. The assumptions are listed in `_ASSUMPTIONS` and in the report."""
-    b = 2 if cfg.train.precision == "bf16" else 4  # bytes per value
+    """Peak bytes per phase, by part, for what the stages really do (validated against measured peak memory by
+    bench/check_memory.py). The assumptions are listed in `_ASSUMPTIONS` and in the report."""
+    b = 2 if cfg.train.precision == "bf16" else 4  # bytes per value computed under train.precision
     t_params, s_params = count_params(t), count_params(s)
 
-    # Labeling: the teacher runs prompts + responses; KV cache for generation, LM head chunked.
-    label_tokens = cfg.label.batch_size * (cfg.label.max_seq_len + cfg.label.max_new_tokens)
+    # Labeling (stages/label.py): the teacher in fp32, its decoder under bf16 autocast; generation of unlabeled
+    # responses in batches of at least 32 (bf16 KV cache); then each record's (n, V) logits one record at a time.
+    gen_tokens = max(cfg.label.batch_size, 32) * (cfg.label.max_seq_len + cfg.label.max_new_tokens)
+    label_tokens = cfg.label.batch_size * cfg.label.max_seq_len
     label = {
-        "weights": t_params * b,
-        "kv_cache": label_tokens * t["layers"] * 2 * t["kv_heads"] * t["head_dim"] * b,
-        "activations": label_tokens * (4 * t["hidden"] + 2 * t["intermediate"] * t["experts_per_token"]) * b,
-        # logits in model dtype, upcast to fp32, log-softmax in fp32: (chunk, V) each
-        "logits": min(label_tokens, cfg.train.loss_chunk_tokens) * t["vocab"] * (b + 4 + 4),
+        "weights": t_params * 4,
+        "autocast_copies": _decoder_params(t) * 2,  # bf16 copies of the decoder weights, kept during a forward
+        "kv_cache": gen_tokens * t["layers"] * 2 * t["kv_heads"] * t["head_dim"] * 2,
+        "activations": max(gen_tokens, label_tokens) * (4 * t["hidden"] + 2 * t["intermediate"] * t["experts_per_token"]) * 2,
+        # one record's fp32 logits, logits / T and their log-softmax: (label.max_seq_len, V) each
+        "logits": cfg.label.max_seq_len * t["vocab"] * 12,
         "runtime": RUNTIME_OVERHEAD_BYTES,
     }
 
-    # Training: one micro-batch of train.batch_size sequences of label.max_seq_len tokens.
+    # Training: one micro-batch of train.batch_size sequences of label.max_seq_len tokens, all supervised.
     train_tokens = cfg.train.batch_size * cfg.label.max_seq_len
     # tensors each decoder layer keeps for backward, per token: ~10 of width hidden (norm in/out, q/k/v,
     # attention out, residuals) and 4 of width intermediate (gate, up, act(gate), product); flash/SDPA
     # attention keeps no (T, T) scores
     activations = train_tokens * s["layers"] * (10 * s["hidden"] + 4 * s["intermediate"] * s["experts_per_token"]) * b
     shared = {
-        "loss_chunk": min(train_tokens, cfg.train.loss_chunk_tokens) * s["vocab"] * (2 * b + 8),  # logits, fp32 log-probs, grad
         "teacher_signal": train_tokens * (cfg.label.topk * 8 + 4),  # top-k ids + log-probs + rest mass
         "runtime": RUNTIME_OVERHEAD_BYTES,
     }
     full = {
         "weights": s_params * 4,  # fp32 master weights (autocast computes in bf16)
+        "autocast_copies": _decoder_params(s) * 2 if b == 2 else 0,
         "grads": s_params * 4,
         "optimizer": s_params * 8,  # AdamW: two fp32 moments
         "activations": activations,
+        "loss_chunk": _loss_chunk_bytes(s, train_tokens, cfg, head_trained=True),
         **shared,
     }
     lora_params = _lora_params(s, cfg.train.lora.r)
     lora = {
-        "weights": s_params * b + lora_params * 4,  # frozen base in train.precision + fp32 adapters
+        # the frozen base stays fp32 (autocast casts frozen weights per use, without keeping copies) + fp32 adapters
+        "weights": s_params * 4 + lora_params * 4,
         "grads": lora_params * 4,
         "optimizer": lora_params * 8,
         "activations": activations + train_tokens * s["layers"] * 7 * cfg.train.lora.r * b,
+        "loss_chunk": _loss_chunk_bytes(s, train_tokens, cfg, head_trained=False),
         **shared,
     }
 
-    # Serving the exported student: quantized weights, fp16 KV cache for concurrent requests.
+    serve = {f"serve_{q}": serve_bytes(s, cfg, bpp) for q, bpp in QUANT_BYTES_PER_PARAM.items()}
+    return {"label_teacher": label, "train_full": full, "train_lora": lora, **serve}
+
+
+def serve_bytes(s: dict, cfg: Config, weight_bytes_per_param: float) -> dict[str, float]:
+    """Peak bytes of serving the student, by part: weights at `weight_bytes_per_param`, KV cache for
+    SERVE_CONCURRENT_REQUESTS requests of label.max_seq_len + serve.max_tokens tokens."""
     serve_tokens = SERVE_CONCURRENT_REQUESTS * (cfg.label.max_seq_len + cfg.serve.max_tokens)
-    serve_common = {
+    return {
+        "weights": count_params(s) * weight_bytes_per_param,
         "kv_cache": serve_tokens * s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * 2,
+        "activations": serve_tokens * (4 * s["hidden"] + 2 * s["intermediate"] * s["experts_per_token"]) * 2,  # prefill
         "logits": SERVE_CONCURRENT_REQUESTS * s["vocab"] * 4,
         "runtime": RUNTIME_OVERHEAD_BYTES,
     }
-    serve = {
-        f"serve_{q}": {"weights": s_params * bpp, **serve_common} for q, bpp in QUANT_BYTES_PER_PARAM.items()
-    }
-    return {"label_teacher": label, "train_full": full, "train_lora": lora, **serve}
 
 
 _PHASE_TITLES = {
@@ -226,16 +279,21 @@ _PHASE_TITLES = {
 }
 
 _ASSUMPTIONS = [
-    "GB = 10^9 bytes; 2 bytes per value for bf16, 4 for fp32 (train.precision)",
-    "labeling: teacher weights in train.precision; KV cache for label.batch_size x (label.max_seq_len + "
-    "label.max_new_tokens) tokens; LM head and log-softmax in chunks of train.loss_chunk_tokens tokens",
-    "training: AdamW with fp32 master weights, gradients and two moments (16 bytes per trained parameter); "
-    "activations of train.batch_size x label.max_seq_len tokens kept for backward (no gradient checkpointing); "
-    "LoRA adapts every linear layer, base weights frozen in train.precision",
+    "GB = 10^9 bytes; the formulas follow what the stages run and were checked against measured peak memory on CPU "
+    "(bench/check_memory.py, docs/benchmarks.md)",
+    "labeling: teacher weights in fp32 plus the bf16 copies autocast keeps of its decoder weights; bf16 KV cache for "
+    "generating in batches of max(label.batch_size, 32) x (label.max_seq_len + label.max_new_tokens) tokens; each "
+    "record's (label.max_seq_len, V) logits in fp32, three times over (logits, / T, log-softmax)",
+    "training: AdamW with fp32 master weights, gradients and two moments (16 bytes per trained parameter) plus bf16 "
+    "autocast copies of the decoder weights; activations of train.batch_size x label.max_seq_len tokens, all "
+    "supervised, kept for backward (no gradient checkpointing); LM head and loss in chunks of "
+    "train.loss_chunk_tokens (~6 (chunk, V) buffers and the head gradient); LoRA adapts every linear layer, the "
+    "base stays fp32 and frozen",
     f"serving: int8 ~8.5 and int4 ~4.5 bits per weight; fp16 KV cache for {SERVE_CONCURRENT_REQUESTS} concurrent "
-    "requests of label.max_seq_len + serve.max_tokens tokens",
-    f"every phase adds {RUNTIME_OVERHEAD_BYTES / GB:.1f} GB of runtime; a size 'fits' when the estimate is at most "
-    f"{FIT_FRACTION:.0%} of it, 'tight' up to 100%",
+    "requests of label.max_seq_len + serve.max_tokens tokens (`stillhouse serve` on CPU loads fp32 weights: "
+    "about 4x the int8 weights)",
+    f"every phase adds {RUNTIME_OVERHEAD_BYTES / GB:.1f} GB of runtime (a CUDA context); a size 'fits' when the "
+    f"estimate is at most {FIT_FRACTION:.0%} of it, 'tight' up to 100%",
 ]
 
 
@@ -445,6 +503,41 @@ def _os_user() -> str:
         return f"uid {os.getuid()}"
 
 
+def _tokenizer_files(src: ModelSource) -> list[Path]:
+    return [src.path] if src.is_gguf else [p for p in (src.folder / n for n in _TOKENIZER_FILES) if p.is_file()]
+
+
+def _load_tokenizer(src: ModelSource, trust_remote_code: bool):
+    """load_tokenizer, with any failure (the tokenizers library raises bare Exceptions on a corrupt
+    tokenizer.json) as one line naming the files."""
+    files = _tokenizer_files(src)
+    if not files:
+        raise StillhouseError(f"{src.folder}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); copy the "
+                              "model's tokenizer into the folder")
+    try:
+        return load_tokenizer(src, trust_remote_code)
+    except StillhouseError:
+        raise
+    except Exception as e:  # noqa: BLE001  (whatever the library raises, the user needs the file, not a traceback)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise StillhouseError(f"{', '.join(map(str, files))}: the tokenizer does not load ({first}); restore the "
+                              "model's tokenizer files") from None
+
+
+def offline_self_test(loaded: list[dict]) -> dict:
+    """Whether offline mode is in force (the environment variables stillhouse sets, and what huggingface_hub
+    read from them at import), plus `loaded`: what this check read from local files, per model."""
+    import huggingface_hub.constants
+
+    env = {v: os.environ.get(v) for v in _OFFLINE_VARS}
+    hub = bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+    problems = [f"{v} is {val!r}, not '1'" for v, val in env.items() if val != "1"]
+    if not hub:
+        problems.append("huggingface_hub was imported before stillhouse set HF_HUB_OFFLINE, so it may reach the hub")
+    return {"in_force": not problems, "env": env, "huggingface_hub_offline": hub, "problems": problems,
+            "loaded_from_local_files": loaded}
+
+
 def _model_files(src: ModelSource) -> list[Path]:
     """What the gates read: the model folder, or a GGUF file plus the model card / LICENSE beside it."""
     if not src.is_gguf:
@@ -469,6 +562,7 @@ def run(cfg: Config) -> dict:
         "teacher": cfg.teacher.model,
         "student": cfg.student.model,
         "derive_layers": None if student_src else cfg.student.derive_layers,
+        "derive_strategy": None if student_src else cfg.student.derive_strategy,
         "license": cfg.license.model_dump(mode="json"),
         "label": cfg.label.model_dump(mode="json", include={"mode", "batch_size", "max_seq_len", "max_new_tokens", "topk"}),
         "train": cfg.train.model_dump(mode="json", include={"batch_size", "grad_accum_steps", "precision", "lora", "loss_chunk_tokens"}),
@@ -519,15 +613,20 @@ def run(cfg: Config) -> dict:
     # 2. tokenizers and 3. memory, from configs only
     teacher_config = read_model_config(teacher_src, cfg.teacher.trust_remote_code)
     student_config = (read_model_config(student_src, cfg.student.trust_remote_code) if student_src
-                      else derived_student_config(teacher_config, cfg.student.derive_layers))
+                      else derived_student_config(teacher_config, cfg.student.derive_layers, cfg.student.derive_strategy))
     t_shape = model_shape(teacher_config, f"{teacher_src.path} config")
     s_shape = model_shape(student_config, f"{student_src.path} config" if student_src else "derived student config")
+    # The teacher's tokenizer is always loaded: it proves the model works offline and catches a broken tokenizer
+    # before labeling does.
+    teacher_tok = _load_tokenizer(teacher_src, cfg.teacher.trust_remote_code)
+    config_file = lambda src: f"{src.path} (GGUF metadata)" if src.is_gguf else str(src.folder / "config.json")  # noqa: E731
+    loaded = [{"model": "teacher", "config": config_file(teacher_src), "tokenizer": [str(p) for p in _tokenizer_files(teacher_src)]}]
     if student_src:
-        teacher_tok = load_tokenizer(teacher_src, cfg.teacher.trust_remote_code)
-        student_tok = load_tokenizer(student_src, cfg.student.trust_remote_code)
+        student_tok = _load_tokenizer(student_src, cfg.student.trust_remote_code)
+        loaded.append({"model": "student", "config": config_file(student_src), "tokenizer": [str(p) for p in _tokenizer_files(student_src)]})
         tokenizer = tokenizer_gate(teacher_tok, student_tok, t_shape["vocab"], s_shape["vocab"])
     else:
-        # Same tokenizer and embedding matrix by construction; loading a GGUF tokenizer would cost ~3 s to learn nothing.
+        # Same tokenizer and embedding matrix by construction.
         rows = t_shape["vocab"]
         tokenizer = {"mode": "token", "reason": "the student is derived from the teacher and shares its tokenizer and embeddings",
                      "vocab_teacher": rows, "vocab_student": rows, "rows_teacher": rows, "rows_student": rows, "shared_rows": rows,
@@ -539,21 +638,24 @@ def run(cfg: Config) -> dict:
                       "set label.mode: auto or sequence")
 
     hardware = hardware_plan(teacher_config, student_config, cfg)
+    offline = offline_self_test(loaded)
+    offline["trust_remote_code"] = {"teacher": cfg.teacher.trust_remote_code, "student": cfg.student.trust_remote_code}
+    if not offline["in_force"]:
+        stops.append(f"offline self-test: {'; '.join(offline['problems'])}: run stillhouse as `stillhouse ...` or "
+                     "`python -m stillhouse`, which force offline mode before anything imports huggingface_hub")
 
     report = {
         "verdict": "stop" if stops or mode_error else "pass",
         "stops": stops + ([mode_error] if mode_error else []),
         "checked_at": now,
         "teacher": {"model": cfg.teacher.model, "path": str(teacher_src.path), "params": hardware["teacher"]["params"]},
-        "student": {"model": cfg.student.model or f"derived: {cfg.student.derive_layers} teacher layers",
+        "student": {"model": cfg.student.model or (f"derived: teacher layers {student_config['_kept_layers']} of "
+                                                   f"{t_shape['layers']} ({cfg.student.derive_strategy})"),
                     "path": str(student_src.path) if student_src else None, "params": hardware["student"]["params"]},
         "license": licenses,
         "tokenizer": tokenizer,
         "hardware": hardware,
-        "offline": {
-            "hub_offline": all(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")),
-            "trust_remote_code": {"teacher": cfg.teacher.trust_remote_code, "student": cfg.student.trust_remote_code},
-        },
+        "offline": offline,
     }
     atomic_write_json(stage.dir / "report.json", report)
     atomic_write_text(stage.dir / "report.md", _markdown(report))
@@ -576,6 +678,7 @@ def run(cfg: Config) -> dict:
         license=licenses,
         tokenizer=tokenizer,
         hardware=hardware,
+        offline=offline,
     )
 
 
@@ -634,6 +737,17 @@ def _markdown(r: dict) -> str:
         lines.append(f"| {p['title']} | {p['total_gb']:.2f} | {parts} | " + " | ".join(p["verdicts"].values()) + " |")
     lines += ["", "Suggestions:" if hw["suggestions"] else "Everything configured fits this machine."]
     lines += [f"- {s}" for s in hw["suggestions"]]
+    off = r["offline"]
+    lines += ["", "## Offline self-test", "",
+              f"Offline mode in force: **{'yes' if off['in_force'] else 'NO'}** ("
+              + ", ".join(f"{k}={v}" for k, v in off["env"].items()) + f"; huggingface_hub offline: {off['huggingface_hub_offline']}).",
+              *[f"- problem: {p}" for p in off["problems"]],
+              "", "Loaded from local files, without network:"]
+    for m in off["loaded_from_local_files"]:
+        lines.append(f"- {m['model']}: config from {m['config']}; tokenizer from {', '.join(m['tokenizer'])}")
+    if not r["student"]["path"]:
+        lines.append("- student: derived from the teacher (its config and tokenizer)")
+    lines += [f"- trust_remote_code: teacher {off['trust_remote_code']['teacher']}, student {off['trust_remote_code']['student']}"]
     lines += ["", "Assumptions:", *[f"- {a}" for a in hw["assumptions"]], ""]
     return "\n".join(lines)
 
@@ -659,6 +773,9 @@ def _print_summary(r: dict) -> None:
     tok = r["tokenizer"]
     detail = f"{tok['mode']}: {tok['vocab_teacher']:,} / {tok['vocab_student']:,} tokens, {tok['shared_rows']:,} shared rows"
     gates.add_row("tokenizer", tok["label_mode"], detail)
+    off = r["offline"]
+    local = "; ".join(f"{m['model']}: config + tokenizer" for m in off["loaded_from_local_files"])
+    gates.add_row("offline", "[green]in force[/]" if off["in_force"] else "[red]NOT in force[/]", escape(f"loaded from local files: {local}"))
 
     mem = Table(title="peak memory, GB")
     for col in ("phase", "GB", *[f"{g}GB" for g in GPU_SIZES_GB], "RAM"):

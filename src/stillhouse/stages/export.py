@@ -2,6 +2,9 @@
 (license, lineage, metrics, redteam verdict) and a sha256 list of every file.
 
 GGUF and quantized variants are a later issue (see docs); this stage never claims formats it did not write.
+
+A student whose redteam verdict is "fail" is refused (exit 1) unless `export.allow_failed_redteam` is set; the
+override is recorded in the export manifest and on the model card.
 """
 
 from __future__ import annotations
@@ -10,16 +13,31 @@ import json
 from pathlib import Path
 
 from stillhouse.config import Config
+from stillhouse.errors import GateError
 from stillhouse.models import count_parameters, load_model, load_tokenizer, resolve_model, save_pretrained
 from stillhouse.ui import console
 from stillhouse.workspace import StageRun, atomic_write_text, load_manifest, require_manifest, sha256_file
 
 
-def _card(cfg: Config, n_params: int, lineage: dict) -> str:
+def redteam_status(cfg: Config) -> dict:
+    """The redteam verdict for the student being exported: {"verdict": pass | fail | not run, "reasons",
+    "overridden"}. Refuses (GateError) a "fail" unless `export.allow_failed_redteam`."""
+    red = load_manifest(cfg.workspace, "redteam") or {}
+    status = {"verdict": red.get("verdict") or red.get("metrics", {}).get("verdict") or "not run",
+              "reasons": red.get("verdict_reasons", []), "overridden": False}
+    if status["verdict"] == "fail":
+        if not cfg.export.allow_failed_redteam:
+            why = "; ".join(status["reasons"]) or "see redteam/report.md"
+            raise GateError(f"export: the student failed redteam ({why}); retrain it, or export anyway with "
+                            "--set export.allow_failed_redteam=true (recorded in the manifest and model card)")
+        status["overridden"] = True
+    return status
+
+
+def _card(cfg: Config, n_params: int, lineage: dict, red: dict) -> str:
     ws = cfg.workspace
     check = load_manifest(ws, "check") or {}
     ev = load_manifest(ws, "eval") or {}
-    red = load_manifest(ws, "redteam") or {}
     prep = load_manifest(ws, "prep") or {}
     lic = (check.get("license") or {})
     lines = [
@@ -34,7 +52,10 @@ def _card(cfg: Config, n_params: int, lineage: dict) -> str:
         "## Evaluation", "",
         "```json", json.dumps(ev.get("metrics", {}), indent=2, default=str)[:4000], "```", "",
         "## Red team", "",
-        f"- verdict: {red.get('metrics', {}).get('verdict', 'not run')}", "",
+        f"- verdict: {red['verdict']}",
+        *(f"- reason: {r}" for r in red["reasons"]),
+        *(["- **exported despite the failed red team** (export.allow_failed_redteam=true)"] if red["overridden"] else []),
+        "",
         "## Intended use and limits", "",
         "For the tasks in the training data only; outside them it is a small model with a small model's knowledge. "
         "Re-evaluate after any change of data or quantization.", "",
@@ -47,7 +68,9 @@ def run(cfg: Config) -> dict:
     ws = cfg.workspace
     require_manifest(ws, "train", "export")
     best = ws / "student" / "best"
-    run_ = StageRun(cfg, "export", inputs=[best], params={"export": cfg.export.model_dump()})
+    red = redteam_status(cfg)
+    # the verdict is a parameter: a new redteam result must not be skipped as "up to date"
+    run_ = StageRun(cfg, "export", inputs=[best], params={"export": cfg.export.model_dump(), "redteam": red})
     if run_.previous:
         console.print("export: up to date, skipped")
         return run_.previous
@@ -58,9 +81,38 @@ def run(cfg: Config) -> dict:
     out = run_.dir / "model"
     save_pretrained(model, tok, out, {**lineage, "exported_dtype": cfg.export.dtype})
     n_params = count_parameters(model)
-    atomic_write_text(out / "README.md", _card(cfg, n_params, lineage))
-    sums = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
-    atomic_write_text(run_.dir / "SHA256SUMS", "".join(f"{h}  model/{name}\n" for name, h in sums.items()))
-    size = sum(Path(out / n).stat().st_size for n in sums)
-    console.print(f"export: {out} ({size / 1e6:.1f} MB, {cfg.export.dtype})")
-    return run_.finish(metrics={"parameters": n_params, "bytes": size}, files=sums, formats=["safetensors"])
+    atomic_write_text(out / "README.md", _card(cfg, n_params, lineage, red))
+    formats = ["safetensors"]
+    if "gguf" in cfg.export.formats:
+        formats += _write_gguf(cfg, out, lineage)
+    sums = {str(p.relative_to(run_.dir)): sha256_file(p) for p in sorted(run_.dir.rglob("*"))
+            if p.is_file() and p.parent.name in ("model", "gguf")}
+    atomic_write_text(run_.dir / "SHA256SUMS", "".join(f"{h}  {name}\n" for name, h in sums.items()))
+    size = sum(Path(run_.dir / n).stat().st_size for n in sums if n.startswith("model/"))
+    warn = " [bold red]despite a failed redteam (allowed by export.allow_failed_redteam)[/bold red]" if red["overridden"] else ""
+    console.print(f"export: {out} ({size / 1e6:.1f} MB, {cfg.export.dtype}){warn}")
+    return run_.finish(metrics={"parameters": n_params, "bytes": size}, files=sums, formats=formats, redteam=red)
+
+
+def _write_gguf(cfg: Config, model_dir: Path, lineage: dict) -> list[str]:
+    """export/gguf/student-{quant}.gguf for each configured quantization; [] (with a note) for non-Llama students."""
+    from stillhouse.gguf_export import write_gguf
+    from stillhouse.licenses import gguf_metadata
+
+    if json.loads((model_dir / "config.json").read_text()).get("model_type") != "llama":
+        console.print("export: GGUF skipped: only Llama-family students are written as GGUF (safetensors is there)")
+        return []
+    # llama.cpp picks its pre-tokenizer regex by name: take the teacher's when it came as GGUF (a derived student
+    # shares its tokenizer)
+    pre = "default"
+    teacher = resolve_model(cfg.teacher.model, cfg.workspace, cfg.teacher.sha256)
+    if teacher.is_gguf and cfg.student.model is None:
+        pre = gguf_metadata(teacher.path).get("tokenizer.ggml.pre", "default")
+    license_id = ((load_manifest(cfg.workspace, "check") or {}).get("license") or {}).get("student", {}).get("license")
+    written = []
+    for quant in cfg.export.gguf_quants:
+        info = write_gguf(model_dir, model_dir.parent / "gguf" / f"student-{quant}.gguf", quant=quant,
+                          license=license_id, name=f"{cfg.project} student", tokenizer_pre=pre)
+        console.print(f"export: {info['path']} ({info['bytes'] / 1e6:.1f} MB)")
+        written.append(f"gguf-{quant}")
+    return written

@@ -44,6 +44,37 @@ def _student(cfg: Config, init_dir):
     return model, tok, lineage
 
 
+def check_labels(cfg: Config, labels: dict, tok) -> None:
+    """Refuse labels/ made for another teacher, tokenizer, chat template, temperature or top-k than this config
+    and student ask for, naming each difference and what to run (DESIGN.md: a stage refuses mismatched inputs)."""
+    made = labels.get("config", {}).get("teacher", {})
+    diffs = []  # (what differs, the --set that would accept the labels as they are, or None)
+    for key, ours in (("model", cfg.teacher.model), ("sha256", cfg.teacher.sha256)):
+        if key in made and made[key] != ours:
+            diffs.append((f"teacher.{key} (labels: {made[key]!r}, config: {ours!r})", f"teacher.{key}={made[key]}"))
+    theirs = made.get("adapt", {}).get("enabled")
+    if theirs is not None and theirs != cfg.teacher.adapt.enabled:
+        diffs.append((f"teacher.adapt.enabled (labels: {theirs}, config: {cfg.teacher.adapt.enabled})",
+                      f"teacher.adapt.enabled={str(theirs).lower()}"))
+    if labels.get("mode") == "token":
+        teacher = labels.get("teacher", {})
+        if teacher.get("tokenizer") != tokenizer_fingerprint(tok):
+            diffs.append(("tokenizer (the labels' teacher tokenizer is not the student's; token-level soft labels "
+                          "need the same vocabulary, or set label.mode=sequence)", None))
+        elif teacher.get("chat_template") != tok.chat_template:
+            diffs.append(("chat template (the labels' prompts were rendered with another template than the student's)", None))
+        for key in ("temperature", "topk"):
+            theirs, ours = labels.get(key), getattr(cfg.label, key)
+            if theirs != ours:
+                diffs.append((f"label.{key} (labels: {theirs}, config: {ours})", f"label.{key}={theirs}"))
+    if diffs:
+        fixes = [fix for _, fix in diffs]
+        raise StillhouseError(
+            f"labels/ were made with another {'; another '.join(d for d, _ in diffs)}; re-run "
+            f"`stillhouse -w {cfg.workspace} label` to relabel for this config"
+            + (f", or use the labels as they are with {' '.join('--set ' + f for f in fixes)}" if all(fixes) else ""))
+
+
 def _kd_examples(labels_dir, rows: list[dict]) -> list[Example]:
     from stillhouse.softlabels import ShardReader
 
@@ -73,10 +104,7 @@ def run(cfg: Config) -> dict:
         console.print("train: up to date, skipped")
         return run_.previous
     model, tok, lineage = _student(cfg, run_.dir / "init")
-    if labels.get("teacher", {}).get("tokenizer") != tokenizer_fingerprint(tok) and labels.get("mode") == "token":
-        raise StillhouseError(
-            "labels/ were made with another tokenizer than the student's (token-level soft labels need the same "
-            "vocabulary); re-run `stillhouse label` for this student, or set label.mode=sequence")
+    check_labels(cfg, labels, tok)
     rows = read_jsonl(labels_dir / "sequences.jsonl")
     if labels.get("mode") == "token":
         train = _kd_examples(labels_dir, rows)
@@ -91,14 +119,16 @@ def run(cfg: Config) -> dict:
         console.print("[yellow]train.alpha=1 (pure KD): students trained without any CE term tend to collapse into repetition[/]")
 
     if tc.lora.enabled:
+        import torch
         from peft import LoraConfig, get_peft_model
 
+        torch.manual_seed(tc.seed)  # the adapters' initial weights
         model = get_peft_model(model, LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     params = FitParams(
         steps=tc.steps, batch_size=tc.batch_size, learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps,
         grad_accum_steps=tc.grad_accum_steps, alpha=alpha, temperature=temperature, divergence=tc.divergence,
-        jsd_beta=tc.jsd_beta, precision=tc.precision, eval_every_steps=tc.eval_every_steps,
+        jsd_beta=tc.jsd_beta, skew_alpha=tc.skew_alpha, precision=tc.precision, eval_every_steps=tc.eval_every_steps,
         early_stopping_patience=tc.early_stopping_patience, keep_checkpoints=tc.keep_checkpoints,
         loss_chunk_tokens=tc.loss_chunk_tokens, seed=tc.seed,
     )

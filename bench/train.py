@@ -1,0 +1,204 @@
+"""Benchmark: the training loop's speed and the loss's memory, side by side in one run.
+
+    .venv/bin/python bench/train.py memory            # peak RSS of the loss, chunked vs naive, allocator on/off
+    .venv/bin/python bench/train.py speed [--steps 20] [--workspace WS]
+
+memory: LM head + loss forward and backward at V = 49,152, H = 576, batch 4 x seq 1,024 (N = 4,096 positions,
+top-32 teacher labels), each variant in its own process; peak RSS above the inputs (/proc VmHWM after a reset).
+"allocator low" is what the CLI sets (`use_low_memory_allocator`: glibc M_MMAP_THRESHOLD = 64 KiB); "glibc
+default" is a plain Python process.
+
+speed: SmolLM2-135M-Instruct teacher, a 6-layer student derived from it, batch 8 x <= 64 tokens of the quick demo's
+labeled records, bf16 autocast, AdamW; tokens/s over `--steps` steps after 2 warm-up steps, for plain
+cross-entropy, offline top-32 KD (labels computed once, before timing, as `stillhouse label` does) and naive
+online KD (the teacher runs inside the loop; full (B, L, V) logits for both, full-vocabulary KL).
+Both append a table to docs/benchmarks.md with the date, the machine and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, HIDDEN, BATCH, SEQ, TOPK, T = 49_152, 576, 4, 1_024, 32, 2.0
+
+
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def memory_child(variant: str, chunk_tokens: int, low_allocator: bool) -> dict:
+    """One measurement, in this (fresh) process: peak RSS of forward + backward above the inputs, MiB."""
+    import torch
+
+    from stillhouse.losses import distill_loss, kd_divergence
+    from stillhouse.training import use_low_memory_allocator
+
+    applied = use_low_memory_allocator() if low_allocator else False
+    torch.manual_seed(0)
+    n = BATCH * SEQ
+    hidden = (torch.randn(n, HIDDEN) * 0.5).requires_grad_()  # (N, H)
+    weight = (torch.randn(VOCAB, HIDDEN) * 0.05).requires_grad_()  # (V, H)
+    targets = torch.randint(0, VOCAB, (n,))
+    ids = torch.stack([torch.randperm(VOCAB)[:TOPK] for _ in range(64)]).repeat(n // 64, 1)  # (N, k) distinct per row
+    lps = torch.log(torch.softmax(torch.randn(n, TOPK), -1) * 0.9)  # (N, k), 10% tail mass
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: only what follows counts
+    base = _rss_mib("VmRSS")
+    t0 = time.time()
+    if variant == "naive":  # the (N, V) logits at once, then the loss: what the chunking avoids
+        logits = hidden @ weight.T
+        ce = torch.nn.functional.cross_entropy(logits, targets)
+        kd = kd_divergence(logits, ids, lps, temperature=T).mean()
+        loss = 0.5 * ce + 0.5 * T**2 * kd
+    else:
+        loss = distill_loss(hidden, weight, targets, ids, lps, temperature=T, alpha=0.5, chunk_tokens=chunk_tokens)["loss"]
+    loss.backward()
+    return {"peak_mib": round(_rss_mib("VmHWM") - base, 0), "seconds": round(time.time() - t0, 2),
+            "loss": float(loss), "allocator_applied": applied}
+
+
+def memory() -> list[str]:
+    variants = [("naive", 0), ("chunked", 1024), ("chunked", 256)]
+    results = {}
+    for low in (False, True):
+        for variant, chunk in variants:
+            env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+            out = subprocess.run([sys.executable, __file__, "_memory_child", variant, str(chunk), str(int(low))],
+                                 env=env, capture_output=True, text=True, check=True)
+            results[(variant, chunk, low)] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(variant, chunk, low, results[(variant, chunk, low)], flush=True)
+    lines = [f"### train: peak memory of the loss (LM head + KD/CE loss, forward + backward)", "",
+             *_header("memory"),
+             f"- V = {VOCAB:,}, H = {HIDDEN}, batch {BATCH} x seq {SEQ:,} = {BATCH * SEQ:,} positions, top-{TOPK} labels, "
+             f"fp32, T = {T}, alpha = 0.5; peak RSS above the inputs (VmHWM), one process per cell; "
+             "the (V, H) head gradient (108 MiB) counts in every row", "",
+             "| variant | chunk tokens | glibc default (MiB) | allocator low, as the CLI sets it (MiB) | vs naive (low) | seconds |",
+             "|---|---|---|---|---|---|"]
+    naive = results[("naive", 0, True)]["peak_mib"]
+    for variant, chunk in variants:
+        off, on = results[(variant, chunk, False)], results[(variant, chunk, True)]
+        lines.append(f"| {variant} | {chunk or '-'} | {off['peak_mib']:.0f} | {on['peak_mib']:.0f} | "
+                     f"{on['peak_mib'] / naive:.2f}x | {on['seconds']} |")
+    same = abs(results[("chunked", 1024, True)]["loss"] - results[("naive", 0, True)]["loss"])
+    lines += ["", f"chunked vs naive loss: |difference| = {same:.2e} (gradients: tests/test_losses.py); "
+              f"goal <= 0.15x of naive", ""]
+    return lines
+
+
+def _header(part: str) -> list[str]:
+    return [f"- date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} CPU cores "
+            f"(shared; runs serialized with flock), Python {platform.python_version()}, no GPU",
+            f"- command: `.venv/bin/python bench/train.py {part}`"]
+
+
+def speed(steps: int, workspace: Path | None) -> list[str]:
+    import torch
+    import torch.nn.functional as F
+
+    from stillhouse.losses import distill_loss
+    from stillhouse.models import derive_student, load_model, load_tokenizer, resolve_model
+    from stillhouse.softlabels import topk_logprobs
+    from stillhouse.training import Example, collate, labeled_examples, response_hidden, use_low_memory_allocator
+    from stillhouse.workspace import read_jsonl
+
+    use_low_memory_allocator()  # as the CLI does
+    if workspace is None:  # the quick demo's records (data only; its models are not used)
+        workspace = Path(tempfile.mkdtemp(prefix="stillhouse-bench-")) / "demo"
+        subprocess.run([sys.executable, "-m", "stillhouse", "-w", str(workspace), "demo", "--quick"], check=True,
+                       env={**os.environ, "STILLHOUSE_QUIET": "1"}, capture_output=True)
+    src = resolve_model("asset:smollm2-135m-instruct")
+    tok, teacher = load_tokenizer(src), load_model(src)
+    teacher.eval()
+    examples = labeled_examples(tok, read_jsonl(workspace / "data" / "train.jsonl"), max_seq_len=64)[:64]
+    # offline labels, as `stillhouse label` stores them: teacher top-k at T over the full vocabulary
+    labeled = []
+    with torch.no_grad():
+        for e in examples:
+            b = collate([e], tok.pad_token_id)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                hidden, head = response_hidden(teacher, b)
+            ids, lps = topk_logprobs(hidden.float() @ head.float().T, TOPK, T)
+            labeled.append(Example(e.record_id, e.input_ids, e.prompt_len, e.task, ids, lps))
+    batches = [labeled[i * 8 % len(labeled):][:8] for i in range(steps + 2)]
+
+    def run(mode: str) -> float:
+        student, _ = derive_student(teacher, 6)
+        student.train()
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        tokens, t0 = 0, 0.0
+        for i, exs in enumerate(batches):
+            if i == 2:  # after warm-up
+                tokens, t0 = 0, time.time()
+            b = collate(exs, tok.pad_token_id)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if mode == "online":  # naive: full logits of both models, full-vocabulary KL at T
+                    with torch.no_grad():
+                        t_logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.rows, b.cols]
+                    s_logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.rows, b.cols]
+            if mode == "online":
+                s_logits, t_logits = s_logits.float(), t_logits.float()
+                kd = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
+                              reduction="batchmean")
+                loss = 0.5 * F.cross_entropy(s_logits, b.targets) + 0.5 * T**2 * kd
+            else:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    hidden, head = response_hidden(student, b)
+                kd_on = mode == "offline_kd"
+                loss = distill_loss(hidden, head, b.targets, b.teacher_ids if kd_on else None,
+                                    b.teacher_logprobs if kd_on else None, temperature=T, alpha=0.5 if kd_on else 0.0)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += int(b.attention_mask.sum())
+        return tokens / (time.time() - t0)
+
+    rates = {}
+    for mode in ("ce", "offline_kd", "online"):
+        rates[mode] = run(mode)
+        print(mode, round(rates[mode], 1), flush=True)
+    mean_len = sum(len(e.input_ids) for e in labeled) / len(labeled)
+    lines = ["### train: tokens/s of the training step, offline top-k KD vs cross-entropy vs online KD", "",
+             *_header("speed"),
+             f"- teacher SmolLM2-135M-Instruct (GGUF, dequantized, fp32 weights), student: 6 of its 30 layers "
+             f"(derived), batch 8 x {mean_len:.0f} tokens on average (quick-demo records, <= 64), bf16 autocast, "
+             f"AdamW; {steps} timed steps after 2 warm-up steps; allocator low, as the CLI sets it", "",
+             "| loss | tokens/s | vs plain CE |", "|---|---|---|"]
+    names = {"ce": "plain cross-entropy", "offline_kd": f"offline top-{TOPK} KD (stored labels, chunked), alpha 0.5",
+             "online": "naive online KD (teacher forward in the loop, full logits)"}
+    for mode, rate in rates.items():
+        lines.append(f"| {names[mode]} | {rate:.1f} | {rate / rates['ce']:.2f}x |")
+    lines += ["", f"offline KD / CE = {rates['offline_kd'] / rates['ce']:.2f}x (goal >= 0.9x); "
+              f"offline KD / online KD = {rates['offline_kd'] / rates['online']:.2f}x", ""]
+    return lines
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_memory_child":
+        print(json.dumps(memory_child(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1")))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("part", choices=["memory", "speed"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--workspace", type=Path, help="a quick-demo workspace whose data/ to use (default: make one)")
+    args = ap.parse_args()
+    lines = memory() if args.part == "memory" else speed(args.steps, args.workspace)
+    text = "\n".join(lines)
+    print(text)
+    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+        f.write("\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
