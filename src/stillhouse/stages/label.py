@@ -205,7 +205,8 @@ def _prepare(cfg: Config, out: Path, job: str, s: int, records: list[dict], mode
             p = encode_prompt(tok, r)
             if len(p) > prompt_room:
                 _too_long(cfg, r, len(p) + lc.max_new_tokens, lc.max_seq_len)
-                p, _ = p[-prompt_room:], cut.add(r["id"])  # keep the end of the prompt (the question), as `encode` does
+                p = p[-prompt_room:]  # keep the end of the prompt (the question), as `encode` does
+                cut.add(r["id"])
             prompts.append(p)
         texts = generate(model, tok, prompts, lc.max_new_tokens, batch_size=max(lc.batch_size, 32))
         generated = {r["id"]: with_response(r, t, {"generated_by": "teacher", "teacher": str(src.path)})
