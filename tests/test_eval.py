@@ -227,3 +227,13 @@ def test_student_that_cannot_load_is_named(tmp_path, models):
     with pytest.raises(StillhouseError, match=r"eval: the student model .*best cannot be loaded \(SafetensorError") as err:
         eval_stage.run(cfg)
     assert type(err.value) is StillhouseError  # exit 2 (bad input), not a gate and not a traceback
+
+
+def test_generative_stats_exact_match_and_token_f1():
+    from stillhouse.stages.eval import example_stats
+
+    st = example_stats("generative", ["The parcel ships today.", "Reset your password."],
+                       ["the parcel ships TODAY", "Please call the desk."])
+    assert st["exact_match"].tolist() == [1.0, 0.0]  # case and punctuation do not count
+    assert st["token_f1"][0] == 1.0 and st["token_f1"][1] == 0.0
+    assert 0 < st["rouge_l"][0] <= 1.0

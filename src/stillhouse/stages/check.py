@@ -524,6 +524,12 @@ def _load_tokenizer(src: ModelSource, trust_remote_code: bool):
                               "model's tokenizer files") from None
 
 
+def _local_files(role: str, src: ModelSource) -> dict:
+    """Which local files the check read a model's config and tokenizer from (for the offline self-test)."""
+    config = f"{src.path} (GGUF metadata)" if src.is_gguf else str(src.folder / "config.json")
+    return {"model": role, "config": config, "tokenizer": [str(p) for p in _tokenizer_files(src)]}
+
+
 def offline_self_test(loaded: list[dict]) -> dict:
     """Whether offline mode is in force (the environment variables stillhouse sets, and what huggingface_hub
     read from them at import), plus `loaded`: what this check read from local files, per model."""
@@ -619,11 +625,10 @@ def run(cfg: Config) -> dict:
     # The teacher's tokenizer is always loaded: it proves the model works offline and catches a broken tokenizer
     # before labeling does.
     teacher_tok = _load_tokenizer(teacher_src, cfg.teacher.trust_remote_code)
-    config_file = lambda src: f"{src.path} (GGUF metadata)" if src.is_gguf else str(src.folder / "config.json")  # noqa: E731
-    loaded = [{"model": "teacher", "config": config_file(teacher_src), "tokenizer": [str(p) for p in _tokenizer_files(teacher_src)]}]
+    loaded = [_local_files("teacher", teacher_src)]
     if student_src:
         student_tok = _load_tokenizer(student_src, cfg.student.trust_remote_code)
-        loaded.append({"model": "student", "config": config_file(student_src), "tokenizer": [str(p) for p in _tokenizer_files(student_src)]})
+        loaded.append(_local_files("student", student_src))
         tokenizer = tokenizer_gate(teacher_tok, student_tok, t_shape["vocab"], s_shape["vocab"])
     else:
         # Same tokenizer and embedding matrix by construction.

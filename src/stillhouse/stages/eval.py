@@ -241,7 +241,9 @@ def example_stats(kind: str, expected: list[str], outputs: list[str]) -> dict:
         counts = np.array([M.field_counts(o, e) for o, e in zip(outputs, expected)], dtype=float).reshape(-1, 3)
         return {"tp": counts[:, 0], "fp": counts[:, 1], "fn": counts[:, 2]}
     return {"rouge_l": np.array([M.rouge_l_f1(o, e) for o, e in zip(outputs, expected)], dtype=float),
-            "token_f1": np.array([M.token_f1(o, e) for o, e in zip(outputs, expected)], dtype=float)}
+            "token_f1": np.array([M.token_f1(o, e) for o, e in zip(outputs, expected)], dtype=float),
+            # exact match after SQuAD-style normalization (case, punctuation, spacing): the same words in order
+            "exact_match": np.array([M.words(o) == M.words(e) for o, e in zip(outputs, expected)], dtype=float)}
 
 
 def _nll_stats(model, tok, recs: list[dict], max_seq_len: int) -> dict:
@@ -353,7 +355,8 @@ def compare(tasks: dict[str, list[dict]], evaluated: dict[str, dict], cfg) -> di
                 m.update(accuracy=_num(score), macro_f1=_num(M.macro_f1(st["gold"], st["pred"], labels)),
                          confusion={"labels": labels + [M.OTHER], "matrix": M.confusion_matrix(st["gold"], st["pred"], labels)})
             elif kind == "generative":
-                m.update(rouge_l_f1=_num(score), token_f1=_num(st["token_f1"].mean()))
+                m.update(rouge_l_f1=_num(score), token_f1=_num(st["token_f1"].mean()),
+                         exact_match=_num(st["exact_match"].mean()))
             elif kind == "extraction":
                 p, r, f = M.prf1(st["tp"].sum(), st["fp"].sum(), st["fn"].sum())
                 m.update(precision=_num(p), recall=_num(r), f1=_num(f))
