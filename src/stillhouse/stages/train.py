@@ -35,7 +35,7 @@ def _student(cfg: Config, init_dir):
             raise StillhouseError("set student.model (a model folder) or student.derive_layers (e.g. 6)")
         tsrc = teacher_source(cfg)
         teacher = load_model(tsrc)
-        model, kept = derive_student(teacher, cfg.student.derive_layers)
+        model, kept = derive_student(teacher, cfg.student.derive_layers, cfg.student.derive_strategy)
         tok = load_tokenizer(tsrc)
         lineage = {"derived_from": str(tsrc.path), "kept_layers": kept,
                    "teacher_layers": teacher.config.num_hidden_layers}
