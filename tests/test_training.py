@@ -1,6 +1,6 @@
 """The training loop through the real CLI on a quick-demo workspace (tiny random models over the real tokenizer):
 resume after a kill equals an uninterrupted run, mismatched labels are refused, a diverging loss stops cleanly,
-validation samples and tokens/s are logged, and the CLI's low-memory allocator setting."""
+validation samples and tokens/s are logged, and the opt-in low-memory allocator setting."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def test_an_empty_training_split_is_a_clear_error(demo_ws, tmp_path):
     assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_the_cli_sets_the_low_memory_allocator():
+def test_low_memory_allocator_applies_unless_the_user_set_one():
     code = "from stillhouse.training import use_low_memory_allocator as u; print(u())"
     env = {k: v for k, v in ENV.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

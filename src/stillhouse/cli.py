@@ -297,9 +297,14 @@ def student_derive(
 
 
 def main() -> None:
-    from stillhouse.training import use_low_memory_allocator
+    import os
 
-    use_low_memory_allocator()  # before any big allocation: chunked losses then keep a low peak RSS on glibc
+    if os.environ.get("STILLHOUSE_LOW_MEMORY") == "1":
+        # opt-in: glibc returns freed buffers at once. Peak RSS of the demo fell from ~7 GB to ~2 GB, but every
+        # large allocation becomes an mmap + page faults: training steps were ~1.6x slower here (docs/benchmarks.md)
+        from stillhouse.training import use_low_memory_allocator
+
+        use_low_memory_allocator()
     debug = "--debug" in sys.argv
     try:
         app(standalone_mode=False)

@@ -473,7 +473,7 @@ def _manifest_metrics(results: dict) -> dict:
         tasks[task] = {"metric": e["metric"], "n": e["n"],
                        **{name.replace("-", "_"): e["models"][name]["score"] for name in (TEACHER, STUDENT, INIT) if name in e["models"]},
                        "retention": ret.get("value"), "retention_ci95": ret.get("ci95")}
-    keys = ("parameters", "latency_ms_p50", "latency_ms_p95", "tokens_per_s_batched", "peak_rss_mb")
+    keys = ("parameters", "latency_ms_p50", "latency_ms_p95", "tokens_per_s_batch1", "tokens_per_s_batched", "peak_rss_mb")
     models = {name: {**{k: m.get(k) for k in keys}, "size_mb": round(m.get("size_bytes", 0) / 1e6, 1)}
               for name, m in results["models"].items() if name in (TEACHER, STUDENT, INIT)}
     t50, s50 = models[TEACHER]["latency_ms_p50"], models[STUDENT]["latency_ms_p50"]
