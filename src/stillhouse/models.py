@@ -138,8 +138,14 @@ def load_model(src: ModelSource, dtype: str = "fp32", trust_remote_code: bool = 
                 str(src.folder), local_files_only=True, use_safetensors=True, dtype=torch.float32,
                 trust_remote_code=trust_remote_code,
             )
-    except (OSError, ValueError) as e:
-        raise StillhouseError(f"{src.path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    except MemoryError:
+        raise  # not a bad file: callers say what fits (the check stage's plan)
+    except Exception as e:  # corrupt or incomplete weights raise the readers' own types (SafetensorError, ...)
+        if isinstance(e, RuntimeError) and "memory" in str(e).lower():
+            raise
+        detail = str(e).splitlines()[0] if str(e) else "no detail"
+        raise StillhouseError(f"{src.path} cannot be loaded ({type(e).__name__}: {detail}); "
+                              "the files are corrupt, incomplete or not a model: re-create or replace them") from None
     model.to(torch_dtype)
     model.eval()
     return model

@@ -198,11 +198,8 @@ def evaluate_model(cand: Candidate, tasks: dict[str, list[dict]], cfg) -> dict:
         try:
             model = load_model(cand.src, trust_remote_code=cand.trust_remote_code)
             tok = load_tokenizer(cand.src, trust_remote_code=cand.trust_remote_code)
-        except StillhouseError as e:
-            raise StillhouseError(f"eval: the {cand.name} model cannot be loaded: {e}") from None
-        except Exception as e:  # a corrupt weights file (safetensors, GGUF) raises the reader's own errors
-            raise StillhouseError(f"eval: the {cand.name} model {cand.src.path} cannot be loaded ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else 'no detail'}); re-create or replace it") from None
+        except StillhouseError as e:  # load_model names the file and the reader's error
+            raise StillhouseError(f"eval: the {cand.name} model {e}") from None
         outputs: dict[str, list[str]] = {}
         gen = [(task, r) for task, recs in tasks.items() if task_kind(task) != "perplexity" for r in recs]
         with progress_bar(f"eval: {cand.name} generates", total=len(gen), unit="rec") as advance:

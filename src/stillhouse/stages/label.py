@@ -82,8 +82,8 @@ def _load_teacher(cfg: Config, src):
     """The teacher on CPU, or one clear error: a folder that is not a model, a corrupt file, not enough memory."""
     try:
         return load_model(src, "fp32", cfg.teacher.trust_remote_code)
-    except StillhouseError:
-        raise
+    except StillhouseError as e:  # load_model names the file and the reader's error
+        raise StillhouseError(f"cannot load the teacher: {e}") from None
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
             raise StillhouseError(f"{src.path}: cannot load the teacher ({str(e).splitlines()[0]})") from None

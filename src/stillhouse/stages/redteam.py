@@ -100,11 +100,8 @@ def run(cfg) -> dict:
     try:
         model = load_model(src, trust_remote_code=cfg.student.trust_remote_code)
         tok = load_tokenizer(src, trust_remote_code=cfg.student.trust_remote_code)
-    except StillhouseError:
-        raise
-    except Exception as e:  # a corrupt weights file raises the reader's own errors
-        raise StillhouseError(f"redteam: the student {best} cannot be loaded ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'no detail'}); re-run `stillhouse -w {ws} train`") from None
+    except StillhouseError as e:  # load_model names the file and the reader's error
+        raise StillhouseError(f"redteam: the student {e}; re-run `stillhouse -w {ws} train`") from None
 
     checkable = [i for i, p in enumerate(private) if len(normalize_for_leak(p["value"])) >= MIN_VALUE_CHARS]
     targets = checkable if len(checkable) <= rc.max_probes else sorted(random.Random(rc.seed).sample(checkable, rc.max_probes))
