@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stillhouse.pii import KINDS, find_pii, iban_ok, luhn_ok, mask, pseudonym
+from pii_gold import hard_negatives, multilingual_gold, my_number
+from stillhouse.pii import KINDS, find_pii, iban_ok, luhn_ok, mask, my_number_ok, pseudonym, thai_id_ok
 
 
 def kinds(text: str) -> list[tuple[str, str]]:
@@ -44,6 +45,8 @@ def test_email():
     ("+66 2 123 4567 (Bangkok)", "+66 2 123 4567"),
     ("+81 90 1234 5678", "+81 90 1234 5678"),
     ("phone: 4155550134", "4155550134"),  # bare digits next to "phone"
+    ("Desk: 5403926876\nFax: none", "5403926876"),
+    ("781 1704 office", "781 1704"),  # the label after the number
 ])
 def test_phone_formats(text, phone):
     assert values(text, "PHONE") == [phone]
@@ -146,12 +149,103 @@ def test_no_person_false_positives(text):
     assert values(text, "PERSON") == []
 
 
+def test_my_number_check_digit():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):  # the generator computes the check digit independently (tests/pii_gold.py)
+        n = my_number(rng)
+        assert my_number_ok(n)
+        assert not my_number_ok(n[:11] + str((int(n[11]) + 1) % 10))  # any other last digit fails
+    assert not my_number_ok("12345678901") and not my_number_ok("1234567890123")
+    good = my_number(rng)
+    assert values(f"マイナンバー：{good}", "MY_NUMBER") == [good]
+    assert values(f"番号 {good[:4]} {good[4:8]} {good[8:]} です", "MY_NUMBER") == [f"{good[:4]} {good[4:8]} {good[8:]}"]
+    assert values(f"order {good} shipped", "MY_NUMBER") == []  # bare 12 digits need "マイナンバー", "個人番号"
+    bad = good[:11] + str((int(good[11]) + 1) % 10)
+    assert values(f"マイナンバー：{bad}", "MY_NUMBER") == []
+
+
+def test_thai_national_id_checksum():
+    valid = "1101700230708"
+    # checksum written out from the definition: (11 - sum(d_i * (13 - i)) mod 11) mod 10
+    check = (11 - sum(int(d) * (13 - i) for i, d in enumerate(valid[:12])) % 11) % 10
+    valid = valid[:12] + str(check)
+    assert thai_id_ok(valid)
+    assert not thai_id_ok(valid[:12] + str((check + 1) % 10))
+    assert not thai_id_ok("0" + valid[1:])  # category digit is 1-8
+    dashed = f"{valid[0]}-{valid[1:5]}-{valid[5:10]}-{valid[10:12]}-{valid[12]}"
+    assert values(f"เลขประจำตัวประชาชน {valid}", "THAI_ID") == [valid]
+    assert values(f"ID: {dashed}.", "THAI_ID") == [dashed]  # the printed grouping counts on its own
+    assert values(f"tracking {valid}", "THAI_ID") == []  # bare 13 digits need context
+
+
+@pytest.mark.parametrize("text,url", [
+    ("profile https://intranet.example.com/users/jsmith.", "https://intranet.example.com/users/jsmith"),
+    ("see http://www.example.edu/~jdoe/cv.pdf", "http://www.example.edu/~jdoe/cv.pdf"),
+    ("crm: https://crm.example.com/c?email=ann%40corp.example&x=1", "https://crm.example.com/c?email=ann%40corp.example&x=1"),
+])
+def test_personal_urls(text, url):
+    assert values(text, "URL") == [url]
+
+
+def test_plain_urls_are_kept():
+    assert kinds("docs at https://docs.python.org/3/library/re.html and www.example.com/pricing") == []
+
+
+@pytest.mark.parametrize("text,address", [
+    ("send it to 41086 Kiannonkatu 98\n Suite 464\n OULU\n\n Finland 80896.", "41086 Kiannonkatu 98\n Suite 464\n OULU\n\n Finland 80896"),
+    ("at 370 Fourth Avenue Suite 697, Mora de Rubielos, Spain 16200, and then", "370 Fourth Avenue Suite 697, Mora de Rubielos, Spain 16200"),
+    ("Meet me at PSC 1437, Box 3833\nAPO AA 66791", "PSC 1437, Box 3833\nAPO AA 66791"),
+    ("He lives on Dalmatinova 68 with his sister.", "Dalmatinova 68"),  # no street word: the context says so
+    ("to 05405 Wesselényi u. 94.\n Suite 741\n Hungary 18695? I am", "05405 Wesselényi u. 94.\n Suite 741\n Hungary 18695"),
+])
+def test_address_tails_boxes_and_context(text, address):
+    assert values(text, "ADDRESS") == [address]
+
+
+def test_address_tail_needs_a_postcode_unit_or_country():
+    # a town-like word after the street is not taken on its own, nor is "Chapter 12" without an address context
+    assert values("I walked down 12 Main Street Yesterday Morning", "ADDRESS") == ["12 Main Street"]
+    assert values("Read Chapter 12 before Monday", "ADDRESS") == []
+
+
+@pytest.mark.parametrize("text,name", [
+    ("Maybe it's under Elita B Desaulniers", "Elita B Desaulniers"),  # middle initial, no gazetteer needed
+    ("follow up with patricia desrosiers next week", "patricia desrosiers"),  # lowercase, both names known
+    ("Why is Katrine so impulsive?", "Katrine"),  # a given name from Faker's Danish list
+    ("directed by Wacława Adamska and others", "Wacława Adamska"),  # a Polish family-name ending
+    ("ติดต่อ ชื่อ สมชาย ใจดี อีเมล a@b.co", "สมชาย ใจดี"),  # after ชื่อ (name), the full name
+    ("担当者は中村 聡太郎です。", "中村 聡太郎"),
+])
+def test_person_names_from_gazetteers(text, name):
+    assert values(text, "PERSON") == [name]
+
+
+def test_person_coreference_and_firms():
+    assert values("Ask Maciej Borkowski. Borkowski knows.", "PERSON") == ["Maciej Borkowski", "Borkowski"]
+    assert values("Mclean, Ward and Wright signed the agreement.", "PERSON") == []  # a firm's name
+    assert values("The Princess Royal visited Marina Fort.", "PERSON") == []
+
+
+def test_generated_gold_and_hard_negatives():
+    """Quality floor on our own generated sets (bench/pii.py reports the full numbers)."""
+    docs = multilingual_gold(per_lang=30)
+    gold = {(i, s, e, k) for i, d in enumerate(docs) for s, e, k in d["spans"]}
+    got = {(i, s.start, s.end, s.kind) for i, d in enumerate(docs) for s in find_pii(d["text"])}
+    assert len(gold & got) / len(gold) >= 0.85
+    assert len(gold & got) / len(got) >= 0.85
+    persons = [s.value for t in hard_negatives() for s in find_pii(t) if s.kind == "PERSON"]
+    assert len(persons) <= 5, persons
+
+
 # --------------------------------------------------------------------------------------------- masking
 
 
 TEXT = ("Hi, I am Maria Lopez (maria.lopez@corp.example, +1 415-555-0134). Card 4111 1111 1111 1111, "
         "IBAN DE89 3704 0044 0532 0130 00, SSN 123-45-6789, born on March 3, 1985, host 10.1.2.3, "
-        "living at 1600 Pennsylvania Avenue NW.")
+        "living at 1600 Pennsylvania Avenue NW, profile https://intranet.example.com/users/mlopez, "
+        "マイナンバー 1234 5678 9018, เลขประจำตัวประชาชน 1-1017-00230-70-8.")
 
 
 def test_mask_replaces_every_kind_and_reports_originals():

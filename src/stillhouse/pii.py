@@ -6,9 +6,15 @@
     mask("call +1 415-555-0134", "pseudonymize", key=b"...")  -> ("call +1 803-209-6671", [...])
 
 Kinds (each masks to `[KIND]`): EMAIL, PHONE (international, US, Japanese, Thai and other national formats),
-CARD (Luhn-checked), IBAN (mod-97 and country length checked), SSN (US), IP (v4/v6), DOB (a date after "born
-on", "DOB", ...), ADDRESS (house number + street suffix; Japanese 丁目 and Thai ถนน/ซอย forms), PERSON (after
-titles and context words like "Name:", "contact", "employee", or a common first name from a small gazetteer).
+CARD (Luhn-checked), IBAN (mod-97 and country length checked), SSN (US), MY_NUMBER (Japan, check digit),
+THAI_ID (Thai national ID, mod-11 checksum), IP (v4/v6), URL (only URLs that name a person: /users/jsmith,
+/~jsmith, ?email=...), DOB (a date after "born on", "DOB", ...), ADDRESS (house number + street suffix, European
+street words, post boxes, words + number after "address:" / "lives on", then the unit, town, state, postcode and
+country lines after it; Japanese 丁目 and Thai ถนน/ซอย forms), PERSON (after titles and context words like "Name:",
+"contact", "employee"; or capitalized words holding a given or family name from Faker's lists for ~80 locales
+(data/pii/, read at the first call), a middle initial, or a Slavic/Nordic/Georgian/... family-name ending; a
+name's words again later in the text; lowercase given + family name pairs; Japanese and Thai forms).
+Bench: `bench/pii.py` (precision/recall/F2 on presidio-research's set and on our en/ja/th gold set).
 
 Why no NER model or Presidio: Presidio downloads a spaCy model at start and exits offline (Presidio #1447), and
 its e-mail recognizer fetches a list from the web (#1205). Everything here is `re` + checksums, so `serve` can
@@ -16,19 +22,22 @@ mask every request log line in microseconds. Checksums (Luhn, mod-97) and contex
 from being flagged at random; names are never taken from ALL-CAPS words, numbers or product-like tokens (the
 PERSON false positives of Presidio #786/#1173 and scrubadub #22).
 
-Import-light on purpose: only the standard library at import time; Faker is imported on the first pseudonym.
+Import-light on purpose: only the standard library at import time; the word lists are read on the first call
+and Faker is imported on the first pseudonym.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
 import random
 import re
+from importlib import resources
 from typing import NamedTuple
 
-KINDS = ["EMAIL", "PHONE", "CARD", "IBAN", "SSN", "IP", "DOB", "ADDRESS", "PERSON"]
+KINDS = ["EMAIL", "PHONE", "CARD", "IBAN", "SSN", "MY_NUMBER", "THAI_ID", "IP", "URL", "DOB", "ADDRESS", "PERSON"]
 
 
 class Span(NamedTuple):
@@ -81,26 +90,58 @@ def _iban_mod97(s: str) -> int:
     return int("".join(str(int(ch, 36)) for ch in s)) % 97
 
 
+def my_number_ok(digits: str) -> bool:
+    """Japan's Individual Number (マイナンバー): 12 digits, the last a check digit over the other 11 (weights
+    2..7, 2..6 from the right, mod 11; ordinance of the Ministry of Internal Affairs, art. 5)."""
+    if not re.fullmatch(r"\d{12}", digits):
+        return False
+    total = sum(int(d) * (n + 1 if n <= 6 else n - 5) for n, d in enumerate(reversed(digits[:11]), start=1))
+    return int(digits[11]) == (0 if total % 11 <= 1 else 11 - total % 11)
+
+
+def thai_id_ok(digits: str) -> bool:
+    """Thai national ID: 13 digits, the first 1-8 (person category), the last (11 - sum(d_i * (13 - i)) mod 11)
+    mod 10 over the first 12."""
+    if not re.fullmatch(r"[1-8]\d{12}", digits):
+        return False
+    return int(digits[12]) == (11 - sum(int(d) * (13 - i) for i, d in enumerate(digits[:12])) % 11) % 10
+
+
 # ---------------------------------------------------------------------------------------------- patterns
 
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b")
 
 # Runs of digit groups joined by single separators; which sub-run is a card or a phone is decided in code,
 # so "card 4111 1111 1111 1111 2 times" still finds the card inside the longer run.
-_CARD_RUN = re.compile(r"(?<![\w+.\-/])\d+(?:[ \-]\d+)*(?![\w/]|-\d)")
+_CARD_RUN = re.compile(r"(?<![A-Za-z0-9_+.\-/])\d+(?:[ \-]\d+)*(?![A-Za-z0-9_/]|-\d)")  # ASCII edges: "番号は090-...です"
 _CARD_CONTEXT = re.compile(r"(?i)\b(?:card|cc|credit|debit|visa|mastercard|amex|maestro)\b[^\n]{0,20}$")
 _PHONE_SEP = r"[ \t.\-‐－()]"
-_PHONE_RUN = re.compile(rf"(?<![\w+.\-/@])(?:\+|\()?\d+(?:{_PHONE_SEP}{{1,3}}\d+)*(?:\s?(?:x|ext\.?|#)\s?\d{{1,6}})?(?![\w/@]|-\d)")
+_PHONE_RUN = re.compile(rf"(?<![A-Za-z0-9_+.\-/@])(?:\+|\()?\d+(?:{_PHONE_SEP}{{1,3}}\d+)*(?:\s?(?:x|ext\.?|#)\s?\d{{1,6}})?(?![A-Za-z0-9_/@]|-\d)")
 _PHONE_EXT = re.compile(r"\s?(?:x|ext\.?|#)\s?\d{1,6}$")
 _PHONE_CONTEXT = re.compile(
-    r"(?i)(?:phone|\btel\b|telephone|call|mobile|cell|fax|whatsapp|contact|reach|☎|電話|携帯|โทร|เบอร์)[^\n]{0,24}$"
+    r"(?i)(?:phone|\btel\b|telephone|call|mobile|cell|fax|whatsapp|contact|reach|\bdesk\b|landline|☎|電話|携帯|โทร|เบอร์)"
+    r"[^\n]{0,24}$"
 )
+# the label after the number, as signature blocks write it: "781 1704 office", "3660170548-Fax"
+_PHONE_LABEL_AFTER = re.compile(r"(?i)^[ \t]*[\-–(]?[ \t]*(?:office|fax|mobile|cell|home|work|desk|tel|phone)\b")
 _CURRENCY_BEFORE = re.compile(r"[$€£¥₹฿]\s*$|(?i:\b(?:usd|eur|gbp|jpy|thb|chf|amount|total|price|invoice)\b[^\n]{0,12})$")
 _CURRENCY_AFTER = re.compile(r"^\s*(?:[$€£¥₹฿%]|(?i:usd|eur|gbp|jpy|yen|thb|baht|chf|dollars?|euros?|units?|items?|km|kg|m\b))")
 
 _IBAN = re.compile(
     r"(?<![\w])(?:[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?)"
     r"|[a-z]{2}\d{2}(?:[a-z0-9]{11,30}|(?: [a-z0-9]{4}){2,7}(?: [a-z0-9]{1,4})?))(?![\w])"
+)
+# My Number / Thai ID: the checksum alone passes 1 random number in 10 or 11, so a bare digit string counts only
+# next to its name; the printed groupings (4-4-4; 1-4-5-2-1) count on their own.
+_MY_NUMBER = re.compile(r"(?<![A-Za-z0-9_\-])(?<!\d[ \-])(?P<n>\d{4}([ \-])\d{4}\2\d{4}|\d{12})(?![A-Za-z0-9_]|[ \-]\d)")
+_MY_NUMBER_CONTEXT = re.compile(r"(?i:マイナンバー|個人番号|my ?number|individual number)[^\n]{0,16}$")
+_THAI_ID = re.compile(r"(?<![A-Za-z0-9_\-])(?<!\d[ \-])(?P<n>\d([ \-])\d{4}\2\d{5}\2\d{2}\2\d|\d{13})(?![A-Za-z0-9_]|[ \-]\d)")
+_THAI_ID_CONTEXT = re.compile(r"(?i:เลขประจำตัวประชาชน|บัตรประชาชน|เลขบัตร|national id|citizen id|thai id|id card)[^\n]{0,20}$")
+# URLs that name a person: /users/jsmith, /~jsmith, /home/jsmith, /profile/..., ?email=..., ?user=...
+_URL = re.compile(r"(?i)\b(?:https?://|www\.)[^\s<>\"'`]+")
+_URL_PERSONAL = re.compile(
+    r"(?i)/(?:~[\w.\-]+|(?:users?|home|people|person|profiles?|members?|staff|employees?|u|author|@)/[\w.\-%@]+)"
+    r"|[?&](?:e-?mail|mail|user(?:name)?|login|uid|name|first_?name|last_?name|phone|tel)=[^&#\s]+"
 )
 _SSN = re.compile(r"(?<![\w\-])(\d{3})([- ])(\d{2})\2(\d{4})(?![\w\-])")
 _SSN_BARE = re.compile(r"(?i)\b(?:ssn|social security(?: number| no\.?)?)\s*(?:#|no\.?|number)?\s*[:=]?\s*(\d{9})\b")
@@ -146,18 +187,49 @@ _ADDR_WORD = r"(?:[A-ZÀ-ÖØ-Þ][A-Za-zÀ-ÖØ-öø-ÿ'.\-]*|\d{1,3}(?:st|nd|rd
 _UNIT = r"(?:,?[ \t]*\n?[ \t]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Floor|Fl\.?|Room|Rm\.?|#)[ \t]*#?[\w\-]{1,6})"
 _CITY_TAIL = r"(?:,?[ \t]*\n?[ \t]*[A-Z][A-Za-z .'\-]{1,40},[ \t]*[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?)"
 _ADDRESS_US = re.compile(
-    rf"(?<![\w\-/.])(?P<num>\d{{1,6}}[A-Za-z]?)(?:[ \t]+\d{{1,5}})?(?:[ \t]+{_ADDR_WORD}){{1,4}}?[ \t]+"
+    rf"(?<![\w\-/.])(?P<num>\d{{1,6}}[A-Za-z]?)(?:[ \t]+\d{{1,5}})?(?:[ \t]+{_ADDR_WORD}){{1,4}}[ \t]+"
     rf"(?:(?P<strong>(?:{_STRONG_SUFFIX})\b\.?)|(?P<weak>(?:{_WEAK_SUFFIX})\b))(?:[ \t]+(?:N|S|E|W|NE|NW|SE|SW)\b\.?)?"
     rf"(?P<unit>{_UNIT})?(?P<tail>{_CITY_TAIL})?"
 )
 # European: "Augsburger Strasse 36", "Snellmaninkatu 55", "Rue de Tanger 29", "Avenida Pedro Ulisses 888".
 _ADDRESS_EU = re.compile(
     r"(?<![\w\-/.])(?:\d{1,6}[ \t]+)?(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*(?:strasse|straße|str\.|gasse|weg|allee|platz|katu|tie|kuja|gatan|vägen|"
-    r"väg|vej|vegen|veien|gate|straat|laan|plein|utca|ulica|tér|braut)|[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*[ \t](?:Strasse|Straße|Str\.|"
-    r"Gasse|Weg|Allee|Platz|Ring|Damm|Ufer|Straat|Laan|Vej)|(?:Rue|Avenue|Avenida|Rua|Calle|Carrer|Via|Viale|"
+    r"väg|vej|vegen|veien|gate|gata|gade|stræti|vegur|straat|laan|plein|utca|ulica|tér|braut)|[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*[ \t](?:Strasse|Straße|Str\.|"
+    r"Gasse|Weg|Allee|Platz|Ring|Damm|Ufer|Straat|Laan|Vej|[Tt]errasse|[Vv]ei|[Gg]ate)|(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*[ \t]){1,2}u\.|(?:Rue|Avenue|Avenida|Rua|Calle|Carrer|Via|Viale|"
     r"Piazza|Corso|ul\.|Plac|Aleja|Boulevard)(?:[ \t]+(?:de|du|da|do|dos|das|del|della|di|des|la|le|d'))?(?:[ \t]+"
     r"[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*){1,4})[ \t]+\d{1,5}[a-zA-Z]?(?![\w\-/])"
     rf"(?P<unit>{_UNIT})?"
+)
+# Post boxes and US military mail: "P.O. Box 287", "PSC 0413, Box 8144\nAPO AA 42323", "Unit 4719 Box 7394".
+_ADDRESS_BOX = re.compile(
+    r"(?<![\w\-])(?:(?:PSC|CMR|Unit)[ \t]+\d{1,5},?[ \t]+Box[ \t]+\d{1,5}(?:[ \t]*\n?[ \t]*(?:APO|FPO|DPO)[ \t]+(?:AA|AE|AP)"
+    r"[ \t]+\d{5})?|(?:USNS|USNV|USS|USCGC)[ \t]+[A-Z][\w\-]+(?:[ \t]+[A-Z][\w\-]+)?[ \t]*\n?[ \t]*(?:APO|FPO|DPO)[ \t]+"
+    r"(?:AA|AE|AP)[ \t]+\d{5}|(?:\d{1,6}[ \t]+)?P\.?[ \t]?O\.?[ \t]?Box[ \t]+\d{1,6})(?![\w\-])"
+)
+# After "address:", "lives on", "send it to", ...: words and a house number are an address even without a
+# street suffix ("Dalmatinova 68", "Příční 1429"); cut at a lowercase word, as "Ombù 9091 today" ends at 9091.
+_ADDRESS_CONTEXT = re.compile(
+    r"(?i:\baddress(?:es)?\b(?:[ \t]+(?:is|was|here))?[ \t]*[:=\-]?|\b(?:lives?|living|located|situated|moved|"
+    r"ship(?:ped)?|send|sent|deliver(?:ed)?|mail(?:ed)?|meet(?:[ \t]+(?:me|you|us))?)[ \t]+(?:(?:it|this|them|one|a[ \t]new[ \t]one)"
+    r"[ \t]+)?(?:at|on|to|in)(?:[ \t]+the[ \t]+\w+[ \t]+(?:side[ \t]+)?of)?)[ \t\n]*"
+    r"(?P<addr>(?:\d{1,6}[ \t]+)?[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'.\-]*(?:[ \t]+[\wÀ-ɏ'.\-]+){0,3}?[ \t]+\d{1,5}[a-zA-Z]?)(?![\w\-/])"
+)
+# House number, street name, number: "20789 Allika 46", "0138 Brisas 6802" (kept only with an address tail).
+_ADDRESS_NUMBERED = re.compile(
+    r"(?<![\w\-/.,])\d{1,6}[ \t]+(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*\.?[ \t]+){1,3}\d{1,5}[a-zA-Z]?\.?(?![\w\-/])"
+)
+# What may follow a street: a unit, a postcode (US, EU, "840 24", Canadian, UK), a state code before a postcode,
+# or a town / country of 1-4 words ("Colorado Springs", "Mora de Rubielos", "LONDON").
+_NOT_PLACE = frozenset(
+    "I The A An This That It Is Please Call Email E-mail Phone Mobile Desk Fax Tel And Or But If When For From To In "
+    "On At By With Of As We You He She They My Our Your Thanks Regards Best Dear Hi Hello".split()
+)
+_TAIL_SEP = re.compile(r"\.?[ \t]*(?:,[ \t]*\n?|\n)[ \t\n]*|[ \t]+")  # "Wesselényi u. 94.\n Suite 741"
+_TAIL_PART = re.compile(
+    r"(?P<unit>(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Floor|Fl\.?|Room|Rm\.?|#)[ \t]*#?\d[\w\-]{0,5})(?![\w\-])"
+    r"|(?P<zip>\d{4,6}(?:-\d{3,4})?|\d{3}[ ]\d{2}|[A-Z]\d[A-Z][ ]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ ]\d[A-Z]{2})(?![\w\-])"
+    r"|(?P<state>[A-Z]{2})(?=[ \t]+\d)"
+    r"|(?P<place>[A-ZÀ-ÖØ-ÞĀ-ɏ][\wÀ-ɏ'.\-]*(?:[ \t]+(?:de|del|la|le|di|da|du|van|von|[A-ZÀ-ÖØ-ÞĀ-ɏ][\wÀ-ɏ'.\-]*)){0,3})"
 )
 # Japanese: prefecture ... N丁目N番(地)N号 (the form Faker ja_JP and real addresses use).
 _ADDRESS_JA = re.compile(
@@ -178,26 +250,34 @@ _TITLE_BEFORE = re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Madam|Mme|Mlle|H
 _LABEL_BEFORE = re.compile(
     r"(?i:\b(?:(?:full |first |last |customer |contact |employee |patient |client )?name|customer|contact|employee|"
     r"patient|client|requester|requested by|reported by|submitted by|assigned to|assignee|reporter|approved by|"
-    r"prepared by|author|attn|attention|signed|owner)[ \t]*:[ \t]*$|\bmy name is[ \t]+$)"
+    r"prepared by|author|attn|attention|signed|owner)[ \t]*:[ \t]*$|\b(?:my|his|her|their|maiden|full|legal) name is[ \t]+$)"
 )
 # Person-ish context words: the next words are a name if they are two capitalized words or start with a
 # gazetteer first name ("contact Maria Lopez", "employee Kim Ito"; but "contact Support" stays).
 _PERSON_CONTEXT_BEFORE = re.compile(
     r"(?i:\b(?:contact|contacted|employee|staff member|customer|client|patient|agent|manager|supervisor|colleague|"
     r"coworker|technician|hi|hello|hey|dear|cc|thanks|regards|sincerely|i am|i'm|this is|spoke with|spoke to|"
-    r"talked to|ask|tell)\b[ \t]*[,:\-]?[ \t\n]*)$"
+    r"talked to|ask|tell|said|named|called|calls me|assistant to|married|met with|directed by|written by|sung by|"
+    r"signed by|follow up with|speak to|speak with|meet with|on behalf of)\b[ \t]*[,:\-]?[ \t\n]*)$"
+)
+# ... and after it: "Trivo lives on ...", "Maslin said", "Gerth had given"
+_PERSON_VERB_AFTER = re.compile(
+    r"[ \t]+(?:said|says|told|asked|wrote|replied|added|explained|lives|lived|works|worked|moved|joined|left|"
+    r"called|emailed|phoned|(?:has|had|was|is)[ \t]+(?:given|born|married|told|asked|from))\b"
 )
 _WORD_START = re.compile(r"(?<![\w@.'\-])[A-ZÀ-ÖØ-ÞĀ-ɏ]")
-_CAP_WORDS = re.compile(rf"({_NAME_WORD})(?:[ \t]+(?:[A-Z]\.?[ \t]+)?({_NAME_WORD}))?(?:[ \t]+({_NAME_WORD}))?")
+_PARTICLES = r"(?:(?:van|von|de|der|den|da|di|du|del|della|la|le|ter|ten|bin|al)[ \t]+){0,2}"  # "Maika van de Noort"
+_CAP_WORDS = re.compile(rf"({_NAME_WORD})(?:[ \t]+(?:[A-Z]\.?[ \t]+)?{_PARTICLES}({_NAME_WORD}))?(?:[ \t]+({_NAME_WORD}))?")
 _LOWER_NAME = re.compile(r"(?i:\bmy name is|\bname[ \t]*:)[ \t]*([a-z][a-z'\-]+)(?:[ \t]+([a-z][a-z'\-]+))?")
 _CJK_NAME = re.compile(r"([\u4e00-\u9fff]{1,3}[ \u3000]?[\u4e00-\u9fff]{1,3})(?:様|さん|氏|殿|先生|君)")
-_CJK_NAME_CTX = re.compile(r"(?:氏名|名前|担当者?|お客様名)[ \t　]*[:：]?[ \t　]*([\u4e00-\u9fff\u3040-\u30ff]{1,4}(?:[ \u3000][\u4e00-\u9fff\u3040-\u30ff]{1,4})?)")
+# "担当者は中村 聡太郎です": family name in kanji, given name in kanji or kana, up to the particle or copula after it
+_CJK_NAME_CTX = re.compile(r"(?:氏名|名前|担当者?|お客様名)(?:[ \t　]*[:：][ \t　]*|は|が)?([\u4e00-\u9fff々]{1,4}(?:[ \u3000]?[\u4e00-\u9fff々\u3040-\u30ff]{1,4}?)?)(?=です|でした|で|さん|様|氏|殿|[、。，,\s]|$)")
 # Japanese names are written family name, space, given name; two short kanji runs with one space between them,
 # outside Japanese prose (no kana or kanji around), are a name in mixed-language text ("approved by 高橋 裕美子").
 _CJK_SPACED_NAME = re.compile(r"(?<![\u3040-\u30ff\u4e00-\u9fff\w])[\u4e00-\u9fff]{1,3}[ \u3000][\u4e00-\u9fff]{1,3}[\u3040-\u309f]{0,2}(?![\u3040-\u30ff\u4e00-\u9fff\w])")
 # The same for Thai: exactly two Thai words (given name, family name) standing alone in non-Thai text.
 _THAI_ISOLATED_NAME = re.compile(r"(?<![\u0e00-\u0e7f][ \t])(?<![\u0e00-\u0e7f\w])[\u0e00-\u0e7f]{2,}[ \t][\u0e00-\u0e7f]{2,}(?![\u0e00-\u0e7f\w]|[ \t][\u0e00-\u0e7f])")
-_THAI_NAME = re.compile(r"(?:(?P<formal>นางสาว|นาย|นาง|ด\.ช\.|ด\.ญ\.)|คุณ|ชื่อ(?:คือ)?)[ \t]?(?P<first>[\u0e00-\u0e7f]{2,})(?:[ \t](?P<last>[\u0e00-\u0e7f]{2,}))?")
+_THAI_NAME = re.compile(r"(?:(?P<formal>นางสาว|นาย|นาง|ด\.ช\.|ด\.ญ\.|ชื่อ(?:คือ)?)|คุณ)[ \t]?(?P<first>[\u0e00-\u0e7f]{2,})(?:[ \t](?P<last>[\u0e00-\u0e7f]{2,}))?")
 
 # A small gazetteer of common given names (US SSA top names plus frequent European, Indian, Latin American
 # and romanized Asian ones). Names that are also ordinary words (May, Will, Grace, Jordan...) are left out:
@@ -261,12 +341,14 @@ _NOT_NAME = frozenset(
     Ticket Tickets Invoice Report Section Chapter Page Table Figure Appendix Note Notes Summary Overview
     Introduction Conclusion Board Committee Council Project Program Programme Plan Team Unit Division
     Street Avenue Road Lane Drive Court Place Way Boulevard North South East West New Old Great Saint St
+    Rua Rue Calle Carrer Via Viale Avenida Piazza Plac Aleja Corso Strada Ulica Utca Alaska Nebraska Casanova
     Internal Confidential Public Restricted Private Personal General Human Resources HR IT Information
     Technology Data Email Phone Address Date Time Number Id Code Key Password Login Help Question Answer
     Yours Everyone Team Folks Colleagues Sir Madam Mr Mrs Ms Dr Prof Miss Subject Re Fwd Cc Attn
     United States Kingdom Republic Union Emirates Federation Island Islands City County State Province
     Research Investments Capital Solutions Partners Associates Holdings Technologies Labs Consulting Sons
     Kitchen Living Bedroom Bathroom Garage Garden Room Light Lights Home House Smart Hub App Cloud
+    Prince Princess Royal Queen Duke Duchess Lord Lady Majesty Highness PLC
     """.split()
 )
 
@@ -302,7 +384,7 @@ def _find_cards(text: str) -> list[Span]:
         digits = "".join(text[a:b] for a, b in groups)
         seps = {text[groups[k][1] : groups[k + 1][0]] for k in range(len(groups) - 1)}
         shortest = 12 if _CARD_CONTEXT.search(text[max(0, s - 30) : s]) else 13  # 12-digit Maestro only next to "card"
-        return (shortest <= len(digits) <= 19 and len(seps) <= 1 and text[s] != "+" and luhn_ok(digits)
+        return (shortest <= len(digits) <= 19 and len(seps) <= 1 and text[s] != "+" and (digits[0] != "0" or shortest == 12) and luhn_ok(digits)
                 and len(set(digits)) > 1 and (len(groups) == 1 or min(b - a for a, b in groups) >= 3))
 
     for m in _CARD_RUN.finditer(text):
@@ -330,7 +412,7 @@ def _find_phones(text: str) -> list[Span]:
         before, after = text[max(0, s - 40) : s], text[e : e + 12]
         if value.startswith("+"):
             return 8 <= n_digits <= 15
-        context = bool(_PHONE_CONTEXT.search(before))
+        context = bool(_PHONE_CONTEXT.search(before) or _PHONE_LABEL_AFTER.match(after))
         if not whole and not context:  # never cut a phone out of a longer number (a Luhn-failing card, an IBAN)
             return False
         if value.startswith("00"):
@@ -377,6 +459,24 @@ def _find_ssns(text: str) -> list[Span]:
     return out
 
 
+def _find_checked_ids(text: str, rx: re.Pattern, context: re.Pattern, ok, kind: str) -> list[Span]:
+    out = []
+    for m in rx.finditer(text):
+        grouped = m.group(2) is not None
+        if ok(re.sub(r"\D", "", m.group())) and (grouped or context.search(text[max(0, m.start() - 40) : m.start()])):
+            out.append(Span(m.start(), m.end(), kind, m.group()))
+    return out
+
+
+def _find_urls(text: str) -> list[Span]:
+    out = []
+    for m in _URL.finditer(text):
+        value = m.group().rstrip(".,;:!?)]}")
+        if _URL_PERSONAL.search(value):
+            out.append(Span(m.start(), m.start() + len(value), "URL", value))
+    return out
+
+
 def _find_ips(text: str) -> list[Span]:
     out = [Span(m.start(), m.end(), "IP", m.group()) for m in _IPV4.finditer(text)]
     for m in _IPV6.finditer(text):
@@ -399,12 +499,48 @@ def _find_addresses(text: str) -> list[Span]:
         words = m.group()[len(m.group("num")) :].split()
         if any(w.isupper() and len(w) > 3 for w in words):  # "12 MONTHS FREE Way" is a heading, not an address
             continue
-        out.append(Span(m.start(), m.end(), "ADDRESS", m.group()))
-    for rx in (_ADDRESS_EU, _ADDRESS_JA, _ADDRESS_TH):
+        end = _address_tail(text, m.end())
+        out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
+    for rx in (_ADDRESS_EU, _ADDRESS_BOX):
+        for m in rx.finditer(text):
+            end = _address_tail(text, m.end())
+            out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
+    for m in _ADDRESS_CONTEXT.finditer(text):
+        end = _address_tail(text, m.end("addr"))
+        out.append(Span(m.start("addr"), end, "ADDRESS", text[m.start("addr") : end]))
+    for m in _ADDRESS_NUMBERED.finditer(text):  # "20789 Allika 46": an address only with a unit, postcode or country
+        end = _address_tail(text, m.end())
+        if end > m.end():
+            out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
+    for rx in (_ADDRESS_JA, _ADDRESS_TH):
         for m in rx.finditer(text):
             value = m.group().rstrip(". ")  # a Thai address at the end of a sentence keeps its full stop
             out.append(Span(m.start(), m.start() + len(value), "ADDRESS", value))
     return out
+
+
+def _address_tail(text: str, pos: int) -> int:
+    """Where an address that ends its street part at `pos` really ends: through the unit, town, state,
+    postcode and country lines that follow ("... Suite 680\n Kissousa\n Cyprus 36903"). A town or state counts
+    only when a postcode, unit or country comes after it, so "at 12 Main St Paris said" stops at "St"."""
+    solid = pos
+    for _ in range(8):
+        sep = _TAIL_SEP.match(text, pos)
+        part = _TAIL_PART.match(text, sep.end()) if sep and sep.end() > pos else None
+        if not part:
+            break
+        if part.lastgroup == "place":
+            words, countries = part.group().split(), _gazetteers().countries
+            if part.group() in countries or " ".join(words[-2:]) in countries or words[-1] in countries:
+                solid = part.end()  # "..., Tallinn, Estonia", "Coalville South Africa"
+            elif words[0] in _NOT_PLACE:
+                break  # the sentence goes on: "... Apt. 4. I am in Sutri"
+            elif all(w.isupper() and len(w) > 2 for w in words):
+                solid = part.end()  # post-office style town line: "LONDON", "KNIVSTA"
+        elif part.lastgroup != "state":
+            solid = part.end()
+        pos = part.end()
+    return solid
 
 
 def _name_words(words: list[str | None]) -> list[str]:
@@ -424,7 +560,9 @@ def _name_words(words: list[str | None]) -> list[str]:
 
 
 def _find_persons(text: str) -> list[Span]:
+    gaz = _gazetteers()
     out: list[Span] = []
+    firms = [m.span() for m in _FIRM.finditer(text) if not all(w in gaz.first for w in m.groups())]
     covered = 0
     for w in _WORD_START.finditer(text):  # every capitalized word may start a name ("Dear Anna": skip "Dear")
         if w.start() < covered:
@@ -441,17 +579,43 @@ def _find_persons(text: str) -> list[Span]:
         after = text[end : end + 20]
         product_like = bool(re.match(r"[ \t]+[A-Za-z\-]*\d", after))
         org_like = bool(_ORG_AFTER.match(after))  # "Russell Investments", "Thomas and Sons", "Gradiant Research LLC"
-        if product_like or org_like:
+        # "Barnett, Melton and Garcia" is a firm; "Anna, Maria and Sofia" are three people
+        org_like = org_like or any(a <= m.start() < b for a, b in firms)
+        # "Elisabeth Parks" is a person, "Marina Fort" and "King Forges" are streets
+        street_like = words[-1] in _STREET_WORDS and words[-1] not in gaz.last
+        # no word of a name is a frequent English word ("Will Power", "Grant Program" are not people)
+        name_like = not any(word.lower() in gaz.common for word in words)
+        if product_like or org_like or street_like:
             ok = False
         elif _TITLE_BEFORE.search(before) or _LABEL_BEFORE.search(before):
             ok = True
         elif _PERSON_CONTEXT_BEFORE.search(before):
-            ok = words[0] in FIRST_NAMES or len(words) >= 2
+            ok = words[0] in FIRST_NAMES or words[0] in gaz.first or len(words) >= 2
+        elif name_like and _PERSON_VERB_AFTER.match(text, end) and not (m.start() == 0 or text[m.start() - 1] in "\n"):
+            ok = True  # not at the start of a text or line, where any capitalized word stands ("Support said")
+        elif len(words) >= 2 and name_like:
+            # "Maciej Borkowski", "Elita B Desaulniers": a known given or family name, or a middle initial
+            ok = (any(w in gaz.first or w in gaz.last or _surname_shaped(w) for w in words)  # "Csenger Gábor"
+                  or bool(_MIDDLE_INITIAL.search(text, m.start(), end)))
         else:
-            ok = words[0] in FIRST_NAMES
+            ok = words[0] in FIRST_NAMES or (len(words) == 1 and name_like and (words[0] in gaz.first or _surname_shaped(words[0])))
         if ok:
             out.append(Span(m.start(), end, "PERSON", text[m.start() : end]))
             covered = end
+    taken = bytearray(len(text))  # 1 where a name was found: overlap tests in O(1), long documents stay linear
+    for s in out:
+        taken[s.start : s.end] = b"\1" * (s.end - s.start)
+    if out:  # "Ask Maciej Borkowski. Borkowski knows.": a word of a name found above is that name again
+        known = {w for s in out for w in re.findall(r"\w{3,}", s.value) if w.lower() not in gaz.common}
+        for w in _CAP_WORD.finditer(text):
+            if w.group(1) in known and not taken[w.start()]:
+                out.append(Span(w.start(), w.end(1), "PERSON", w.group(1)))
+    # lowercase "patricia desrosiers": a known given name then a known family name, neither an English word
+    for m in _LOWER_PAIR.finditer(text):
+        first, last = m.group(1), m.group(2)
+        if (first.capitalize() in gaz.first and last.capitalize() in gaz.last and first not in gaz.common
+                and last not in gaz.common and not any(taken[m.start(1) : m.end(2)])):
+            out.append(Span(m.start(1), m.end(2), "PERSON", text[m.start(1) : m.end(2)]))
     # lowercase names after an unmistakable context ("my name is john smith"; scrubadub #19)
     for m in _LOWER_NAME.finditer(text):
         first, last = m.group(1), m.group(2)
@@ -459,7 +623,7 @@ def _find_persons(text: str) -> list[Span]:
             end = m.end(2) if last and last.capitalize() not in _NOT_NAME and last not in _LOWER_STOP else m.end(1)
             out.append(Span(m.start(1), end, "PERSON", text[m.start(1) : end]))
     out += [Span(m.start(1), m.end(1), "PERSON", m.group(1)) for rx in (_CJK_NAME, _CJK_NAME_CTX) for m in rx.finditer(text)]
-    for m in _THAI_NAME.finditer(text):  # a formal title is followed by the full name; คุณ by the given name only
+    for m in _THAI_NAME.finditer(text):  # a formal title or ชื่อ (name) is followed by the full name; คุณ by the given name only
         end = m.end("last") if m.group("formal") and m.group("last") else m.end("first")
         out.append(Span(m.start("first"), end, "PERSON", text[m.start("first") : end]))
     for rx in (_CJK_SPACED_NAME, _THAI_ISOLATED_NAME):  # the weakest rules: only where nothing else matched
@@ -470,19 +634,65 @@ def _find_persons(text: str) -> list[Span]:
 
 
 _ORG_AFTER = re.compile(
-    r"[ \t]+(?:(?:and|&)[ \t]+(?:Sons|Co|Partners|Associates)\b|(?:LLC|LLP|Inc|Ltd|Corp|GmbH|AG|SA|plc|Co|Group|Holdings|"
+    r"[ \t]+(?:(?:and|&)[ \t]+(?:Sons|Co|Partners|Associates)\b|(?:LLC|LLP|Inc|Ltd|Corp|GmbH|AG|SA|plc|PLC|Co|Group|Holdings|"
     r"Partners|Associates|Investments|Capital|Research|Solutions|Systems|Technologies|Labs|Consulting|Bank|Foundation|"
     r"Institute|University|Hospital|Motors|Industries|Enterprises|Media|Software|Services)\b)"
 )
+_FIRM = re.compile(r"(?<![\w\-])([A-Z][\w\-]+),[ \t]+([A-Z][\w\-]+),?[ \t]+(?:and|&)[ \t]+([A-Z][\w\-]+)(?![\w\-]|[ \t]+[A-Z])")
+_STREET_WORDS = frozenset(f"{_STRONG_SUFFIX}|{_WEAK_SUFFIX}".split("|"))
+# Family-name endings of Slavic, Baltic, Nordic, Georgian, Armenian, Greek, Romanian and Turkish names:
+# "Khadzhiyev", "Szczepańska", "Bergsveinsson", "Shervashidze". Only on capitalized, non-English words of 6+ letters.
+_SURNAME_ENDING = re.compile(
+    r"(?:ova|eva|ovna|evna|ovich|evich|vić|vič|vic|ić|ski|ska|sky|skaya|skiy|cki|cka|enko|chuk|yan|dze|shvili|sson|"
+    r"dóttir|poulos|akis|escu|oglu|oğlu|yev|yeva|ov|ev)$"
+)
+
+
+def _surname_shaped(word: str) -> bool:
+    return len(word) >= 6 and bool(_SURNAME_ENDING.search(word)) and word.lower() not in _gazetteers().common
+
+
+_MIDDLE_INITIAL = re.compile(r"[ \t][A-Z]\.?[ \t]")
+_CAP_WORD = re.compile(r"(?<![\w@.'\-])([A-ZÀ-ÖØ-ÞĀ-ɏ][a-zà-öø-ÿā-ɏ'\-]{2,})(?:'s)?(?![\w@])")
+# two lowercase words, tried at every word start (the lookahead lets pairs overlap)
+_LOWER_PAIR = re.compile(r"(?<![\w@./\-])(?=([a-zà-öø-ÿ][a-zà-öø-ÿ'\-]{2,})[ \t]+([a-zà-öø-ÿ][a-zà-öø-ÿ'\-]{2,})(?![\w@]))")
+
+
+class _Gazetteers(NamedTuple):
+    first: frozenset  # given names, any Latin-script locale of Faker (and romanized ja/zh)
+    last: frozenset  # family names, the same
+    common: frozenset  # frequent English words, lowercase: never a name on their own
+    countries: frozenset
+
+
+@functools.cache
+def _gazetteers() -> _Gazetteers:
+    """The word lists in stillhouse/data/pii (built from Faker's locale data by build_gazetteers.py there),
+    read once, at the first call (~20 ms), so that importing this module stays cheap."""
+    folder = resources.files("stillhouse") / "data" / "pii"
+
+    def read(name: str) -> frozenset:
+        return frozenset(w for w in (folder / name).read_text(encoding="utf-8").split("\n") if w)
+
+    common, countries = read("common_words.txt"), read("countries.txt")
+    # names that are also frequent words, sentence openers or countries ("Will", "Can", "Jordan") only ever
+    # count next to other evidence (a title, a context word, a second name word)
+    drop = _NOT_NAME | countries | {w.capitalize() for w in common}
+    return _Gazetteers(read("first_names.txt") - drop, read("last_names.txt") - drop, common, countries)
+
+
 _LOWER_STOP = frozenset("and or but from at in on and i im the a to is was my please".split())
 
 
 # Earlier finders win overlaps: checksummed numbers before looser patterns, names last.
 _FINDERS = [
+    ("URL", _find_urls),  # first: a URL with "?email=a@b.c" in it is masked whole
     ("EMAIL", lambda t: [Span(m.start(), m.end(), "EMAIL", m.group()) for m in _EMAIL.finditer(t)]),
     ("IBAN", _find_ibans),
     ("CARD", _find_cards),
     ("SSN", _find_ssns),
+    ("MY_NUMBER", lambda t: _find_checked_ids(t, _MY_NUMBER, _MY_NUMBER_CONTEXT, my_number_ok, "MY_NUMBER")),
+    ("THAI_ID", lambda t: _find_checked_ids(t, _THAI_ID, _THAI_ID_CONTEXT, thai_id_ok, "THAI_ID")),
     ("IP", _find_ips),
     ("DOB", lambda t: [Span(m.start("date"), m.end("date"), "DOB", m.group("date")) for m in _DOB.finditer(t)]),
     ("PHONE", _find_phones),
@@ -495,13 +705,15 @@ _HAS_DIGIT_OR_AT = re.compile(r"[\d@]")
 def find_pii(text: str) -> list[Span]:
     """Every piece of PII in `text`, sorted by position, never overlapping."""
     taken: list[Span] = []
+    used = bytearray(len(text))  # 1 where a span was taken: the overlap test stays O(span length)
     has_digits = bool(_HAS_DIGIT_OR_AT.search(text))
     for kind, finder in _FINDERS:
-        if not has_digits and kind not in ("PERSON",):
+        if not has_digits and kind not in ("PERSON", "URL"):
             continue  # fast path: all other kinds need a digit or an @
         for span in sorted(finder(text), key=lambda s: (s.start, -(s.end - s.start))):
-            if span.end > span.start and not any(span.start < t.end and t.start < span.end for t in taken):
+            if span.end > span.start and not any(used[span.start : span.end]):
                 taken.append(span)
+                used[span.start : span.end] = b"\1" * (span.end - span.start)
     return sorted(taken)
 
 
@@ -560,6 +772,13 @@ def pseudonym(kind: str, value: str, key: bytes) -> str:
         digits = f"{area:03d}{rng.randrange(1, 100):02d}{rng.randrange(1, 10000):04d}"
         it = iter(digits)
         return re.sub(r"\d", lambda _: next(it), value)
+    if kind in ("MY_NUMBER", "THAI_ID"):  # same grouping, valid check digit (Thai: first digit kept, 1-8)
+        body = [value[0] if kind == "THAI_ID" else str(rng.randrange(10))]
+        body += [str(rng.randrange(10)) for _ in re.findall(r"\d", value)[1:-1]]
+        ok = my_number_ok if kind == "MY_NUMBER" else thai_id_ok
+        body.append(next(c for c in "0123456789" if ok("".join(body) + c)))
+        it = iter(body)
+        return re.sub(r"\d", lambda _: next(it), value)
     if kind == "IP":
         if ":" in value:  # a unique-local IPv6 address (fd00::/8): never routable, never someone's real one
             return str(ipaddress.IPv6Address((0xFD << 120) | rng.getrandbits(120)))
@@ -580,6 +799,8 @@ def pseudonym(kind: str, value: str, key: bytes) -> str:
     fake = _faker(_locale_of(value), seed)
     if kind == "EMAIL":
         return f"{fake.user_name()}@example.{rng.choice(['com', 'org', 'net'])}"
+    if kind == "URL":
+        return f"https://example.{rng.choice(['com', 'org', 'net'])}/users/{fake.user_name()}"
     if kind == "PERSON":
         if _locale_of(value) == "en_US":
             n_words = len(value.split())

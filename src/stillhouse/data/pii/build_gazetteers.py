@@ -1,0 +1,52 @@
+"""Rebuild the name and place lists next to this file from Faker's locale data (inside the Faker wheel, offline).
+
+    .venv/bin/python src/stillhouse/data/pii/build_gazetteers.py
+
+first_names.txt / last_names.txt: every Latin-script given and family name of every Faker locale, plus the
+romanized Japanese and Chinese ones (one a line, sorted). common_words.txt: Faker's list of ~1,000 frequent
+English words, which pii.py never takes as a name on their own ("Will", "Rose", "Grant"). countries.txt: country
+names in English, for address tails ("..., Tallinn, Estonia"). stillhouse.pii reads these files at the first
+call, so importing it stays standard-library only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LATIN = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿĀ-ɏ'\-]{2,}")
+
+
+def _names(provider, kind: str) -> set[str]:
+    out = set()
+    for attr in dir(provider):
+        if attr.startswith(kind) and "kana" not in attr and "pairs" not in attr:
+            value = getattr(provider, attr)
+            if isinstance(value, (tuple, list, dict)):
+                out |= {str(n) for n in value}
+    return {n for n in out if LATIN.fullmatch(n) and n[0].isupper() and not n.isupper()}
+
+
+def main() -> None:
+    import faker.providers.address.en_US as address
+    import faker.providers.lorem.en_US as lorem
+    import faker.providers.person as person
+
+    first, last = set(), set()
+    for mod in pkgutil.iter_modules(person.__path__):
+        provider = importlib.import_module(f"faker.providers.person.{mod.name}").Provider
+        first |= _names(provider, "first_") | _names(provider, "middle_")
+        last |= _names(provider, "last_")
+    files = {"first_names.txt": first, "last_names.txt": last,
+             "common_words.txt": {w for w in lorem.Provider.word_list if len(w) > 1},
+             "countries.txt": set(address.Provider.countries)}
+    for name, words in files.items():
+        (HERE / name).write_text("\n".join(sorted(words)) + "\n", encoding="utf-8")
+        print(f"{name}: {len(words)}")
+
+
+if __name__ == "__main__":
+    main()
