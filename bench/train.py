@@ -1,17 +1,22 @@
 """Benchmark: the training loop's speed and the loss's memory, side by side in one run.
 
     .venv/bin/python bench/train.py memory            # peak RSS of the loss, chunked vs naive, allocator on/off
-    .venv/bin/python bench/train.py speed [--steps 20] [--workspace WS]
+    PYTHONPATH=DIR .venv/bin/python bench/train.py speed [--rounds 3] [--steps 6] [--workspace WS] [--low-memory]
 
 memory: LM head + loss forward and backward at V = 49,152, H = 576, batch 4 x seq 1,024 (N = 4,096 positions,
 top-32 teacher labels), each variant in its own process; peak RSS above the inputs (/proc VmHWM after a reset).
-"allocator low" is what the CLI sets (`use_low_memory_allocator`: glibc M_MMAP_THRESHOLD = 64 KiB); "glibc
-default" is a plain Python process.
+"allocator low" is what STILLHOUSE_LOW_MEMORY=1 sets (`use_low_memory_allocator`: glibc M_MMAP_THRESHOLD =
+64 KiB); "glibc default" is a plain Python process, and the CLI's default.
 
 speed: SmolLM2-135M-Instruct teacher, a 6-layer student derived from it, batch 8 x <= 64 tokens of the quick demo's
-labeled records, bf16 autocast, AdamW; tokens/s over `--steps` steps after 2 warm-up steps, for plain
-cross-entropy, offline top-32 KD (labels computed once, before timing, as `stillhouse label` does) and naive
-online KD (the teacher runs inside the loop; full (B, L, V) logits for both, full-vocabulary KL).
+labeled records, bf16 autocast, AdamW; tokens/s of plain cross-entropy, offline top-32 KD (labels computed once,
+before timing, as `stillhouse label` does; loss chunk 1,024, one chunk at these sizes), naive online KD (the teacher runs inside
+the loop; full (B, L, V) logits for both, full-vocabulary KL) and TRL's GKDTrainer with lmbda = 0 (the teacher in
+the loop, its own Trainer loop) on the same token ids and batches. The machine is shared, so the losses run
+interleaved: `--rounds` rounds, each running every loss (in rotated order) for 2 warm-up + `--steps` timed steps
+on a fresh student; the table gives the median over rounds and the median of the per-round ratios to CE.
+The GKD row needs trl (1.16, `pip install --no-deps`) and `datasets` importable, e.g. installed with
+`pip install --target DIR` and passed with PYTHONPATH=DIR; without them the row is skipped with a note.
 Both append a table to docs/benchmarks.md with the date, the machine and the command.
 """
 
@@ -69,7 +74,7 @@ def memory_child(variant: str, chunk_tokens: int, low_allocator: bool) -> dict:
 
 
 def memory() -> list[str]:
-    variants = [("naive", 0), ("chunked", 1024), ("chunked", 256)]
+    variants = [("naive", 0), ("chunked", 1024), ("chunked", 512), ("chunked", 256)]
     results = {}
     for low in (False, True):
         for variant, chunk in variants:
@@ -83,7 +88,7 @@ def memory() -> list[str]:
              f"- V = {VOCAB:,}, H = {HIDDEN}, batch {BATCH} x seq {SEQ:,} = {BATCH * SEQ:,} positions, top-{TOPK} labels, "
              f"fp32, T = {T}, alpha = 0.5; peak RSS above the inputs (VmHWM), one process per cell; "
              "the (V, H) head gradient (108 MiB) counts in every row", "",
-             "| variant | chunk tokens | glibc default (MiB) | allocator low, as the CLI sets it (MiB) | vs naive (low) | seconds |",
+             "| variant | chunk tokens | glibc default, the CLI's default (MiB) | allocator low, STILLHOUSE_LOW_MEMORY=1 (MiB) | vs naive (low) | seconds |",
              "|---|---|---|---|---|---|"]
     naive = results[("naive", 0, True)]["peak_mib"]
     for variant, chunk in variants:
@@ -102,17 +107,19 @@ def _header(part: str) -> list[str]:
             f"- command: `.venv/bin/python bench/train.py {part}`"]
 
 
-def speed(steps: int, workspace: Path | None) -> list[str]:
-    import torch
-    import torch.nn.functional as F
+def speed(rounds: int, steps: int, workspace: Path | None, low_memory: bool) -> list[str]:
+    """tokens/s of one training step per loss, the modes interleaved round by round (see the module docstring)."""
+    import statistics
 
-    from stillhouse.losses import distill_loss
+    import torch
+
     from stillhouse.models import derive_student, load_model, load_tokenizer, resolve_model
     from stillhouse.softlabels import topk_logprobs
     from stillhouse.training import Example, collate, labeled_examples, response_hidden, use_low_memory_allocator
     from stillhouse.workspace import read_jsonl
 
-    use_low_memory_allocator()  # as the CLI does
+    if low_memory:
+        use_low_memory_allocator()  # what STILLHOUSE_LOW_MEMORY=1 sets; the CLI's default is glibc's own
     if workspace is None:  # the quick demo's records (data only; its models are not used)
         workspace = Path(tempfile.mkdtemp(prefix="stillhouse-bench-")) / "demo"
         subprocess.run([sys.executable, "-m", "stillhouse", "-w", str(workspace), "demo", "--quick"], check=True,
@@ -130,58 +137,131 @@ def speed(steps: int, workspace: Path | None) -> list[str]:
                 hidden, head = response_hidden(teacher, b)
             ids, lps = topk_logprobs(hidden.float() @ head.float().T, TOPK, T)
             labeled.append(Example(e.record_id, e.input_ids, e.prompt_len, e.task, ids, lps))
-    batches = [labeled[i * 8 % len(labeled):][:8] for i in range(steps + 2)]
+    batches = [labeled[i * 8 % len(labeled):][:8] for i in range(steps + 2)]  # 2 warm-up steps, then `steps` timed
 
-    def run(mode: str) -> float:
-        student, _ = derive_student(teacher, 6)
-        student.train()
-        opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-        tokens, t0 = 0, 0.0
-        for i, exs in enumerate(batches):
-            if i == 2:  # after warm-up
-                tokens, t0 = 0, time.time()
-            b = collate(exs, tok.pad_token_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                if mode == "online":  # naive: full logits of both models, full-vocabulary KL at T
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.rows, b.cols]
-                    s_logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.rows, b.cols]
-            if mode == "online":
-                s_logits, t_logits = s_logits.float(), t_logits.float()
-                kd = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
-                              reduction="batchmean")
-                loss = 0.5 * F.cross_entropy(s_logits, b.targets) + 0.5 * T**2 * kd
-            else:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    hidden, head = response_hidden(student, b)
-                kd_on = mode == "offline_kd"
-                loss = distill_loss(hidden, head, b.targets, b.teacher_ids if kd_on else None,
-                                    b.teacher_logprobs if kd_on else None, temperature=T, alpha=0.5 if kd_on else 0.0)["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            tokens += int(b.attention_mask.sum())
-        return tokens / (time.time() - t0)
+    modes = {
+        "ce": "plain cross-entropy (chunked head + CE)",
+        "kd": f"offline top-{TOPK} KD (stored labels, chunked head + loss), alpha 0.5",
+        "online": "naive online KD (teacher forward in the loop, full logits, full-vocabulary KL)",
+    }
+    try:
+        from trl.experimental.gkd import GKDTrainer  # noqa: F401
+        modes["gkd"] = "TRL GKDTrainer, lmbda 0 (teacher forward in the loop), beta 0 (forward KL)"
+        gkd_note = ""
+    except ImportError as e:
+        gkd_note = (f"TRL GKDTrainer row skipped: {e} (install trl==1.16.* with --no-deps, plus datasets and its "
+                    "dependencies, e.g. with `pip install --target DIR` and PYTHONPATH=DIR)")
+        print(gkd_note, flush=True)
 
-    rates = {}
-    for mode in ("ce", "offline_kd", "online"):
-        rates[mode] = run(mode)
-        print(mode, round(rates[mode], 1), flush=True)
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(rounds):
+        order = list(modes)[r % len(modes):] + list(modes)[: r % len(modes)]  # rotate: no mode always runs first
+        for mode in order:
+            student, _ = derive_student(teacher, 6)
+            tokens, seconds = (_gkd_steps if mode == "gkd" else _own_steps)(mode, student, teacher, tok, batches)
+            rates[mode].append(tokens / seconds)
+            print(f"round {r}: {mode} {tokens / seconds:.1f} tokens/s", flush=True)
+            del student
+    med = {m: statistics.median(v) for m, v in rates.items()}
+    # the ratio per round, then its median: both sides of a ratio ran minutes apart at most
+    ratio = {m: statistics.median(a / c for a, c in zip(v, rates["ce"])) for m, v in rates.items()}
     mean_len = sum(len(e.input_ids) for e in labeled) / len(labeled)
-    lines = ["### train: tokens/s of the training step, offline top-k KD vs cross-entropy vs online KD", "",
-             *_header("speed"),
+    positions = sum(len(e.input_ids) - e.prompt_len for e in labeled) / len(labeled) * 8
+    lines = ["### train: tokens/s of the training step, offline top-k KD vs cross-entropy vs online KD vs TRL GKD", "",
+             *_header(f"speed --rounds {rounds} --steps {steps}" + (" --low-memory" if low_memory else "")),
              f"- teacher SmolLM2-135M-Instruct (GGUF, dequantized, fp32 weights), student: 6 of its 30 layers "
-             f"(derived), batch 8 x {mean_len:.0f} tokens on average (quick-demo records, <= 64), bf16 autocast, "
-             f"AdamW; {steps} timed steps after 2 warm-up steps; allocator low, as the CLI sets it", "",
-             "| loss | tokens/s | vs plain CE |", "|---|---|---|"]
-    names = {"ce": "plain cross-entropy", "offline_kd": f"offline top-{TOPK} KD (stored labels, chunked), alpha 0.5",
-             "online": "naive online KD (teacher forward in the loop, full logits)"}
-    for mode, rate in rates.items():
-        lines.append(f"| {names[mode]} | {rate:.1f} | {rate / rates['ce']:.2f}x |")
-    lines += ["", f"offline KD / CE = {rates['offline_kd'] / rates['ce']:.2f}x (goal >= 0.9x); "
-              f"offline KD / online KD = {rates['offline_kd'] / rates['online']:.2f}x", ""]
+             f"(derived), batch 8 x {mean_len:.0f} tokens on average (quick-demo records, <= 64; {positions:.0f} "
+             f"supervised positions per batch), bf16 autocast, AdamW, grad clipping; per round and loss a fresh "
+             f"student, 2 warm-up steps, then {steps} timed steps; {rounds} rounds with the losses in rotated order; "
+             f"tokens/s = median over rounds, ratio = median of the per-round ratios to CE; allocator: "
+             + ("low (M_MMAP_THRESHOLD 64 KiB, STILLHOUSE_LOW_MEMORY=1)" if low_memory else "glibc default (the CLI's default)"),
+             "", "| loss | tokens/s (median) | per round | vs plain CE |", "|---|---|---|---|"]
+    for mode, label in modes.items():
+        lines.append(f"| {label} | {med[mode]:.1f} | {', '.join(f'{x:.0f}' for x in rates[mode])} | {ratio[mode]:.2f}x |")
+    lines += ["", f"offline KD / CE = {ratio['kd']:.2f}x (goal >= 0.9x); offline KD / naive online KD = "
+              f"{med['kd'] / med['online']:.2f}x"
+              + (f"; offline KD / TRL GKDTrainer = {med['kd'] / med['gkd']:.2f}x (goal >= 1.8x)" if "gkd" in med else ""),
+              *([gkd_note] if gkd_note else []), ""]
     return lines
+
+
+def _own_steps(mode: str, student, teacher, tok, batches) -> tuple[int, float]:
+    """Our training step (as `training.fit` takes it) for `mode`; (tokens, seconds) over the timed steps."""
+    import torch
+    import torch.nn.functional as F
+
+    from stillhouse.losses import distill_loss
+    from stillhouse.training import collate, response_hidden
+
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    tokens, t0 = 0, 0.0
+    for i, exs in enumerate(batches):
+        if i == 2:  # after warm-up
+            tokens, t0 = 0, time.perf_counter()
+        b = collate(exs, tok.pad_token_id)
+        if mode == "online":  # naive: full logits of both models, full-vocabulary KL at T
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.rows, b.cols]
+                s_logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.rows, b.cols]
+            s_logits, t_logits = s_logits.float(), t_logits.float()
+            kd = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
+                          reduction="batchmean")
+            loss = 0.5 * F.cross_entropy(s_logits, b.targets) + 0.5 * T**2 * kd
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                hidden, head = response_hidden(student, b)
+            kd_on = mode != "ce"
+            loss = distill_loss(hidden, head, b.targets, b.teacher_ids if kd_on else None,
+                                b.teacher_logprobs if kd_on else None, temperature=T, alpha=0.5 if kd_on else 0.0,
+                                chunk_tokens=1024)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(b.attention_mask.sum())
+    return tokens, time.perf_counter() - t0
+
+
+def _gkd_steps(mode: str, student, teacher, tok, batches) -> tuple[int, float]:
+    """TRL's GKDTrainer on the same token ids and batches (lmbda = 0: no student generation, the teacher runs
+    inside every step); (tokens, seconds) over the timed steps, from step-begin / step-end callbacks."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    rows = [{"input_ids": e.input_ids, "prompt": "",
+             "completion_mask": [0] * e.prompt_len + [1] * (len(e.input_ids) - e.prompt_len)}
+            for exs in batches for e in exs]
+    clock = {"tokens": 0, "t0": 0.0, "t1": 0.0}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 2:  # after warm-up
+                clock["t0"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            clock["t1"] = time.perf_counter()
+
+    class Counting(GKDTrainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            if self.state.global_step >= 2:
+                clock["tokens"] += int(inputs["attention_mask"].sum())
+            return super().compute_loss(model, inputs, *a, **kw)
+
+    # a fixed fingerprint: hashing the table itself fails here (dill cannot pickle pyarrow's MonthDayNano type)
+    dataset = Dataset(pa.Table.from_pylist(rows), fingerprint="stillhouse-bench-train")
+    with tempfile.TemporaryDirectory() as out:
+        args = GKDConfig(output_dir=out, per_device_train_batch_size=8, max_steps=len(batches), learning_rate=1e-4,
+                         lmbda=0.0, beta=0.0, temperature=T, bf16=True, use_cpu=True, save_strategy="no",
+                         report_to=[], logging_steps=10_000, disable_tqdm=True, train_sampling_strategy="sequential",
+                         max_length=64, dataloader_num_workers=0, seed=0)
+        trainer = Counting(model=student, teacher_model=teacher, args=args, processing_class=tok,
+                           train_dataset=dataset, callbacks=[Clock()])
+        trainer.train()
+    return clock["tokens"], clock["t1"] - clock["t0"]
 
 
 def main() -> None:
@@ -190,10 +270,12 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("part", choices=["memory", "speed"])
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=6, help="speed: timed steps per loss and round")
+    ap.add_argument("--rounds", type=int, default=3, help="speed: rounds over all the losses")
+    ap.add_argument("--low-memory", action="store_true", help="speed: with the low-memory allocator (STILLHOUSE_LOW_MEMORY=1)")
     ap.add_argument("--workspace", type=Path, help="a quick-demo workspace whose data/ to use (default: make one)")
     args = ap.parse_args()
-    lines = memory() if args.part == "memory" else speed(args.steps, args.workspace)
+    lines = memory() if args.part == "memory" else speed(args.rounds, args.steps, args.workspace, args.low_memory)
     text = "\n".join(lines)
     print(text)
     with open(ROOT / "docs" / "benchmarks.md", "a") as f:

@@ -61,3 +61,41 @@ def test_without_redteam_the_card_says_not_run(tmp_path, tiny_model_dir):
     manifest = export.run(_workspace(tmp_path, tiny_model_dir, None))
     assert manifest["redteam"]["verdict"] == "not run"
     assert "- verdict: not run" in (tmp_path / "export" / "model" / "README.md").read_text()
+
+
+def test_quantized_gguf_variants_are_reevaluated(tmp_path, tiny_model_dir, tokenizer):
+    """Every GGUF variant is loaded back and answers the test records. The student's weights are made exactly
+    representable in fp16, so the f16 file must answer exactly as the export does (agreement 1, retention 1); the
+    4- and 8-bit files are smaller and their scores are those of their own stored answers."""
+    import torch
+
+    from stillhouse import metrics as M
+    from stillhouse.models import save_pretrained
+
+    model = load_model(resolve_model(str(tiny_model_dir)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    student = save_pretrained(model, tokenizer, tmp_path / "fp16-exact")
+    records = [{"id": f"t-{i}", "task": "classification", "messages": [
+        {"role": "user", "content": f"turn on the light in room {i}"}, {"role": "assistant", "content": "HassTurnOn"}]}
+        for i in range(5)] + [{"id": "q-0", "task": "qa", "messages": [
+            {"role": "user", "content": "when is the office open?"}, {"role": "assistant", "content": "from 9 to 5"}]}]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = _workspace(tmp_path, student, None, formats=["safetensors", "gguf"], gguf_quants=["f16", "q4_0"])
+    cfg.eval.max_new_tokens = 4
+    manifest = export.run(cfg)
+    q = json.loads((tmp_path / "export" / "quantization.json").read_text())
+    assert q["records"] == [r["id"] for r in records] and set(q["variants"]) == {"f16", "q4_0"}
+    f16 = q["variants"]["f16"]
+    assert f16["outputs"] == q["export_outputs"] and f16["agreement"] == 1.0
+    assert f16["retention"] in (1.0, None)  # None: the export scored 0 (a random model)
+    expected = [(M.normalize_prediction(o) == "HassTurnOn") for o in q["export_outputs"][:5]]
+    expected.append(M.token_f1(q["export_outputs"][5], "from 9 to 5"))
+    assert q["export_score"] == round(sum(expected) / 6, 4)
+    sizes = {k: v["bytes"] for k, v in q["variants"].items()}
+    # 4-bit blocks, the embedding (most of a tiny model) in 8-bit; both files carry ~2.5 MB of tokenizer metadata
+    assert sizes["q4_0"] < 0.7 * sizes["f16"]
+    assert manifest["formats"] == ["safetensors", "gguf-f16", "gguf-q4_0"]
+    assert manifest["metrics"]["quantization"]["q4_0"]["agreement"] == q["variants"]["q4_0"]["agreement"]

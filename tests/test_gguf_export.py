@@ -66,3 +66,24 @@ def test_refuses_non_llama(tmp_path, fp16_exact_model):
     with pytest.raises(StillhouseError, match="q4_k"):
         write_gguf(folder, tmp_path / "x.gguf", quant="q4_k")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_q4_0_is_smaller_and_agrees_with_the_original(fp16_exact_model, tokenizer, tmp_path):
+    """q4_0: 4-bit blocks in the decoder, the embedding (= LM head, tied) in q8_0. Measured on the tiny random
+    model: the next-token argmax agrees with the unquantized model at >= 80% of positions (a random model's
+    distribution is flat, so this is a harder case than a trained one: SmolLM2 in bench/gguf_export.py)."""
+    model, folder = fp16_exact_model
+    q8 = write_gguf(folder, tmp_path / "s-q8.gguf", quant="q8_0")
+    q4 = write_gguf(folder, tmp_path / "s-q4.gguf", quant="q4_0")
+    assert q4["bytes"] < q8["bytes"]
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "s-q4.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["token_embd.weight"] == "Q8_0"
+    back = load_model(ModelSource(tmp_path, "s-q4.gguf"))
+    ids = tokenizer("<|im_start|>user\nturn off the lights in the garage and lock the front door<|im_end|>\n"
+                    "<|im_start|>assistant\nHassTurnOff garage, HassLock front door")["input_ids"]
+    a, b = _logits(model, ids), _logits(back, ids)
+    agreement = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert agreement >= 0.8, agreement
+    assert not torch.equal(a, b)

@@ -233,3 +233,120 @@ def test_sequence_mode_keeps_the_teacher_written_text_and_no_shards(tmp_path, te
     assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
     assert not list((ws / "labels").glob("*.safetensors")) and len(list((ws / "labels").glob("shard-*.done"))) == 3
 
+
+
+# ------------------------------------------------------------------------------------ sampled responses, n per prompt
+
+
+def _generated(ws: Path) -> list[dict]:
+    return [json.loads(line) for line in (ws / "labels" / "generated.jsonl").read_text().splitlines()]
+
+
+def test_row_sampler_follows_temperature_and_top_p():
+    """The sampler draws from softmax(scores / T) restricted to the top-p nucleus, one generator per row."""
+    from stillhouse.records import _RowSampler
+
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    scores = (probs.log() * 0.5).unsqueeze(0)  # at T = 0.5 these are the logits of `probs`
+    def freqs(top_p: float, draws: int = 4000) -> torch.Tensor:
+        sampler = _RowSampler([7], temperature=0.5, top_p=top_p)
+        picks = [int(sampler(None, scores.clone()).argmax()) for _ in range(draws)]
+        return torch.bincount(torch.tensor(picks), minlength=3).float() / draws
+
+    assert torch.allclose(freqs(1.0), probs, atol=0.03)
+    assert torch.allclose(freqs(0.8), torch.tensor([2 / 3, 1 / 3, 0.0]), atol=0.03)  # 0.6 + 0.3 reaches 0.8
+    assert freqs(0.5, 200).tolist() == [1.0, 0.0, 0.0]  # the top token alone reaches 0.5
+    out = _RowSampler([1, 2], 1.0, 1.0)(None, torch.zeros(2, 5))
+    assert (out.isfinite().sum(-1) == 1).all()  # exactly one token left per row: greedy picks the draw
+
+
+def test_sampled_responses_n_per_prompt_are_deterministic_per_record(tmp_path, teacher):
+    sampling = {"mode": "sequence", "generation_temperature": 1.0, "top_p": 0.95, "responses_per_prompt": 3,
+                "max_new_tokens": 6}
+    ws = _workspace(tmp_path / "a", teacher, records=_records(2, 3), **sampling)
+    m = label.run(load_config(ws))
+    gen = _generated(ws)
+    assert m["metrics"]["generated"] == len(gen) == 9
+    assert [g["id"] for g in gen] == [f"pool-{i:05d}-sample{k}" for i in range(3) for k in range(3)]
+    prov = gen[4]["provenance"]
+    assert prov["source_id"] == "pool-00001" and prov["sample"] == 1 and prov["samples"] == 3
+    assert prov["decoding"]["strategy"] == "sample" and prov["decoding"]["temperature"] == 1.0
+    assert prov["decoding"]["top_p"] == 0.95 and prov["decoding"]["max_new_tokens"] == 6
+    texts = [g["messages"][-1]["content"] for g in gen]
+    assert all(len({texts[3 * i + k] for k in range(3)}) > 1 for i in range(3))  # n samples, not n copies
+    rows = [json.loads(line)["id"] for line in (ws / "labels" / "sequences.jsonl").read_text().splitlines()]
+    assert set(g["id"] for g in gen) <= set(rows)
+
+    # other batching and sharding: the same draws for the same records (each has its own seeded generator)
+    ws2 = _workspace(tmp_path / "b", teacher, records=_records(0, 3)[::-1], **sampling, batch_size=1,
+                     records_per_shard=1)
+    label.run(load_config(ws2))
+    assert sorted((g["id"], g["messages"][-1]["content"]) for g in _generated(ws2)) == \
+        sorted((g["id"], g["messages"][-1]["content"]) for g in gen)
+    # another seed: other draws
+    ws3 = _workspace(tmp_path / "c", teacher, records=_records(2, 3), **sampling, seed=1)
+    label.run(load_config(ws3))
+    assert [g["messages"][-1]["content"] for g in _generated(ws3)] != texts
+
+
+def test_n_greedy_copies_are_refused(tmp_path, teacher):
+    ws = _workspace(tmp_path / "ws", teacher, responses_per_prompt=2)
+    with pytest.raises(StillhouseError, match=r"responses_per_prompt=2 with greedy.*generation_temperature"):
+        label.run(load_config(ws))
+
+
+# ------------------------------------------------------------------------------------------------ a full disk
+
+
+def test_a_write_that_fails_stops_cleanly_and_the_rerun_resumes(tmp_path, teacher):
+    """A real failed write, not a mock: the label process runs under RLIMIT_FSIZE, so the kernel refuses (EFBIG, the
+    same path as ENOSPC: a failed write() inside our atomic writers) any file larger than the limit. The records
+    are ordered so the first shards' files fit and the last shard's do not. Proves: one clear line naming the shard,
+    exit 2, no half-written file, the finished shards kept (not redone), and a re-run without the limit gives the
+    bytes of a run that never failed."""
+    import resource
+
+    records = _records(6, 0)[:6] + [
+        {"id": f"verbose-{i:05d}", "task": "qa", "messages": [
+            {"role": "user", "content": f"explain the policy {i}"},
+            {"role": "assistant", "content": " ".join(f"clause {j} applies" for j in range(8))}]} for i in range(3)]
+    reference = _workspace(tmp_path / "reference", teacher, records=records)
+    label.run(load_config(reference))
+    labels = reference / "labels"
+    small = max(p.stat().st_size for s in (0, 1) for p in labels.glob(f"*shard-0000{s}*"))
+    big = min(p.stat().st_size for p in labels.glob("*shard-00002.*") if p.suffix != ".done")
+    assert small < big, "the last shard must need the largest files"
+    limit = (small + big) // 2
+
+    ws = _workspace(tmp_path / "ws", teacher, records=records)
+    p = subprocess.run(_cli(ws), capture_output=True, text=True, timeout=300, env={**os.environ, "STILLHOUSE_QUIET": "1"},
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "shard-00002" in p.stderr and "free space and re-run" in p.stderr and "finished shards are kept" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    out = ws / "labels"
+    assert sorted(q.name for q in out.glob("shard-*.done")) == ["shard-00000.done", "shard-00001.done"]
+    assert not list(out.glob("*.tmp")) and not (out / "shard-00002.safetensors").exists()
+    kept = {q.name: q.stat().st_mtime_ns for q in out.glob("shard-0000[01].*")}
+
+    p = _run_cli(ws)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {q.name: q.stat().st_mtime_ns for q in out.glob("shard-0000[01].*")} == kept  # not redone
+    assert _artifacts(ws) == _artifacts(reference)
+
+
+def test_out_of_memory_message_carries_the_check_plan(tmp_path):
+    """The message a teacher too big for memory gets (at load or in a forward pass) quotes check/manifest.json: the
+    planned peak and the check stage's own suggestions; without a check run it says to run one."""
+    from stillhouse.config import Config
+    from stillhouse.workspace import atomic_write_json
+
+    cfg = Config()
+    cfg.workspace = tmp_path
+    assert "run `stillhouse check` for a memory plan" in str(label._out_of_memory(cfg, "teacher.gguf: too big"))
+    atomic_write_json(tmp_path / "check" / "manifest.json", {"stage": "check", "metrics": {"peak_label_gb": 41.5},
+                      "hardware": {"suggestions": ["label_teacher needs 41.5 GB: --set label.batch_size=4 fits"]}})
+    msg = str(label._out_of_memory(cfg, "teacher.gguf: too big"))
+    assert msg.startswith("teacher.gguf: too big") and "planned 41.5 GB" in msg and "label.batch_size=4 fits" in msg
+    assert label._is_oom(MemoryError()) and label._is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert not label._is_oom(RuntimeError("shape mismatch"))

@@ -406,3 +406,88 @@ def test_property_random_shapes(n, vocab, k_frac, temperature, div, scale, chunk
     torch.testing.assert_close(out["loss"], naive, rtol=1e-4, atol=1e-5)
     for got, expected in zip(torch.autograd.grad(out["loss"], [h, w]), torch.autograd.grad(naive, [h0, w0])):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ dense (online) teacher
+
+
+def _dense_problem(n=29, h_student=16, h_teacher=24, vocab=300, seed=1):
+    """Student hidden + head, and a teacher with another hidden size (its own final hidden states + head)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h_student, generator=g)
+    weight = torch.randn(vocab, h_student, generator=g) * 0.5
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    t_hidden = torch.randn(n, h_teacher, generator=g)
+    t_head = torch.randn(vocab, h_teacher, generator=g) * 0.6
+    return hidden, weight, targets, t_hidden, t_head
+
+
+@pytest.mark.parametrize("divergence,beta", DIVS)
+def test_dense_teacher_equals_topk_with_k_equal_to_vocab_and_the_float64_reference(divergence, beta):
+    """The online teacher's dense path gives the same loss and gradients as its soft labels with k = V, and both
+    equal the float64 definition over all V tokens."""
+    hidden, weight, targets, t_hidden, t_head = _dense_problem()
+    t_logits = t_hidden @ t_head.T  # (N, V)
+    vocab = weight.shape[0]
+    ids, lps = topk_logprobs(t_logits.double(), vocab, 2.0)  # k = V: every token, no tail
+    kw = dict(temperature=2.0, alpha=0.6, divergence=divergence, beta=beta)
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    dense = distill_loss(h1, w1, targets, teacher_hidden=t_hidden, teacher_head=t_head, chunk_tokens=7, **kw)
+    g_dense = torch.autograd.grad(dense["loss"], [h1, w1])
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    topk = distill_loss(h2, w2, targets, ids, lps, chunk_tokens=100, **kw)
+    g_topk = torch.autograd.grad(topk["loss"], [h2, w2])
+    torch.testing.assert_close(dense["loss"], topk["loss"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_dense, g_topk):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+    want = reference(hidden @ weight.T, ids, lps, 2.0, divergence, beta)
+    torch.testing.assert_close(dense["kd"].double(), want.mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_dense_teacher_padding_rows_are_cut_and_bad_inputs_are_named():
+    """A teacher head with extra padding rows (Qwen2.5: 151,936 vs 152,064) scores exactly like the unpadded one."""
+    hidden, weight, targets, t_hidden, t_head = _dense_problem()
+    padded = torch.cat([t_head, torch.randn(64, t_head.shape[1]) * 5])  # 64 rows no tokenizer id maps to
+    a = distill_loss(hidden, weight, targets, teacher_hidden=t_hidden, teacher_head=t_head, alpha=1.0, temperature=2.0)
+    b = distill_loss(hidden, weight, targets, teacher_hidden=t_hidden, teacher_head=padded, alpha=1.0, temperature=2.0)
+    torch.testing.assert_close(a["loss"], b["loss"])
+    assert a["kd"].item() > 0.01  # a real divergence, not 0 = 0
+    with pytest.raises(ValueError, match="one teacher signal"):
+        ids, lps = topk_logprobs(t_hidden @ t_head.T, 4, 2.0)
+        distill_loss(hidden, weight, targets, ids, lps, teacher_hidden=t_hidden, teacher_head=t_head)
+    with pytest.raises(ValueError, match="teacher_hidden must be"):
+        distill_loss(hidden, weight, targets, teacher_hidden=t_hidden[:5], teacher_head=t_head)
+
+
+@pytest.mark.parametrize("signal", ["topk", "dense"])
+def test_temperature_changes_the_gradient_as_the_definition_says(signal):
+    """PITFALLS.md: TRL 1.16's GKD loss ignores its temperature. Ours: the gradient at T equals autograd through the
+    float64 definition alpha * T^2 * KD_T + (1 - alpha) * CE, and differs from the gradient at T = 1."""
+    hidden, weight, targets, t_hidden, t_head = _dense_problem(seed=3)
+    t_logits = (t_hidden @ t_head.T).double()  # (N, V)
+
+    def ours(temperature):
+        h = hidden.clone().requires_grad_()
+        if signal == "dense":
+            out = distill_loss(h, weight, targets, teacher_hidden=t_hidden, teacher_head=t_head,
+                               temperature=temperature, alpha=0.5, chunk_tokens=8)
+        else:
+            ids, lps = topk_logprobs(t_logits, 16, temperature)
+            out = distill_loss(h, weight, targets, ids, lps, temperature=temperature, alpha=0.5, chunk_tokens=8)
+        return torch.autograd.grad(out["loss"], h)[0]
+
+    def definition(temperature):
+        h = hidden.double().clone().requires_grad_()
+        logits = h @ weight.double().T
+        k = weight.shape[0] if signal == "dense" else 16
+        ids, lps = topk_logprobs(t_logits, k, temperature)
+        kd = reference(logits, ids, lps, temperature, "forward_kl", 0.5).mean()
+        loss = 0.5 * F.cross_entropy(logits, targets) + 0.5 * temperature**2 * kd
+        return torch.autograd.grad(loss, h)[0].float()
+
+    g1, g4 = ours(1.0), ours(4.0)
+    torch.testing.assert_close(g4, definition(4.0), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(g1, definition(1.0), rtol=1e-3, atol=1e-6)
+    assert (g4 - g1).norm() > 0.1 * g1.norm()  # T really reaches the gradient, not only the sampling

@@ -20,7 +20,8 @@ SPLITS = ("train", "val", "test")
 
 
 def make_cfg(ws: Path, **prep_cfg):
-    return validate({"prep": prep_cfg}, workspace=ws, source="test")
+    """workers=1 unless given: a process pool costs a second per run; tests of the pool ask for one."""
+    return validate({"prep": {"workers": 1, **prep_cfg}}, workspace=ws, source="test")
 
 
 def outputs(ws: Path) -> dict[str, list[dict]]:
@@ -145,7 +146,8 @@ def test_pdf_headers_footers_dropped_and_pages_located(tmp_path):
     recs = all_records(tmp_path)
     text = written_text(tmp_path)
     assert "Field Service Handbook |" not in text and "Page 1 of 3" not in text  # running header, page footer
-    assert report(tmp_path)["clean"] == {"header_footer_lines": 3, "page_number_lines": 3, "sections_too_short": 0}
+    assert report(tmp_path)["clean"] == {"header_footer_lines": 3, "page_number_lines": 3, "boilerplate_paragraphs": 0,
+                                         "noise_paragraphs": 0, "sections_dropped": {}}
     by_q = {r["messages"][0]["content"]: r for r in recs}
     assert set(by_q) == {f"What does the Field Service Handbook say about {h}?" for h in ("Safety first", "Replacing the filter", "Escalation")}
     assert by_q["What does the Field Service Handbook say about Replacing the filter?"]["source"] == {"file": "sources/handbook.pdf", "location": "page 2"}

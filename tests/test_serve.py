@@ -261,3 +261,30 @@ def test_smoke(tmp_path, tiny_model_dir):
     assert (tmp_path / "serve" / "manifest.json").exists()
     assert not (tmp_path / "serve" / "api_keys.json").exists()  # the smoke key lives only in memory
     assert serve.smoke(cfg)["finished_at"] == manifest["finished_at"]  # unchanged export: skipped
+
+
+def test_port_in_use_is_one_clear_line(tmp_path, tiny_model_dir):
+    """Another program listens on the port: `stillhouse serve` stops at once with exit 2 and says so (before loading
+    the model), instead of uvicorn's traceback after it."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    _workspace(tmp_path, tiny_model_dir)
+    (tmp_path / "stillhouse.yaml").write_text(yaml.safe_dump({"project": "port-test"}))
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    port = other.getsockname()[1]
+    try:
+        p = subprocess.run([sys.executable, "-m", "stillhouse", "-w", str(tmp_path), "serve", "--no-auth", "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        other.close()
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"127.0.0.1:{port} is already in use" in p.stderr and "--port" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    with pytest.raises(StillhouseError, match="not a valid address|not an address of this machine"):
+        serve.bind_socket("192.0.2.1", 0)  # TEST-NET-1: never this machine's

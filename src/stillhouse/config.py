@@ -8,7 +8,7 @@ in each stage's manifest.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -87,12 +87,56 @@ class CanaryConfig(Section):
     seed: int = Field(0, description="seeds the secrets (a different seed gives different canaries)")
 
 
+class GeneralConfig(Section):
+    """General-purpose instruction data mixed into train, so the student keeps its basic language ability while it
+    specializes; a held-out part goes to test, where eval reports the student's perplexity on it (forgetting)."""
+
+    share: float = Field(0.0, ge=0, lt=1, description="share of the train split that is general data (0: off)")
+    file: str | None = Field(
+        None, description="JSONL of general data (a 'messages' list, or 'prompt' + optional 'response'); null: the "
+                          "bundled general prompts, answered by the teacher in `label` (self-distilled replay)")
+    test_records: int = Field(20, ge=0, description="general records held out for test.jsonl (with a reference response)")
+    seed: int = Field(0, description="seeds which general records go to train and which to test")
+
+
+class ReidentConfig(Section):
+    """Re-identification risk (stillhouse.reident): records whose combination of quasi-identifiers (a date + an
+    age + a job title ...) fewer than k records share. Listed in data/reident.csv (kinds, never values)."""
+
+    enabled: bool = True
+    k: int = Field(5, ge=2, description="a combination shared by fewer records than this is a risk")
+    action: Literal["report", "generalize", "drop"] = Field(
+        "report", description="report: list them (and show them first in the review sample); generalize: date -> "
+                              "year, age -> decade, postcode -> prefix, title/department/place -> [KIND]; drop: leave them out")
+    quasi_identifiers: list[Literal["DATE", "AGE", "POSTCODE", "JOB_TITLE", "DEPARTMENT", "PLACE"]] = Field(
+        default_factory=lambda: ["DATE", "AGE", "POSTCODE", "JOB_TITLE", "DEPARTMENT", "PLACE"])
+    min_kinds: int = Field(2, ge=1, description="records with fewer different QI kinds are not assessed (a date alone is everywhere)")
+
+
+class SourceDeclaration(Section):
+    """Why a source was collected and on what legal basis it may be used for training (PDPA, APPI, GDPR)."""
+
+    pattern: str = Field(description="source files it covers: a glob on the file name, or on the path from the workspace "
+                                     "if it has a '/' (sources/hr/*), or a folder (sources/hr)")
+    purpose: str = Field(min_length=1, description="the purpose the data was collected for, in words an auditor reads")
+    legal_basis: Literal["consent", "contract", "legal_obligation", "vital_interest", "public_task",
+                         "legitimate_interest", "research_statistics", "anonymized", "not_personal_data"] = Field(
+        description="the lawful basis for using it to train a model")
+    reference: str | None = Field(None, description="where the basis is documented: a consent form, a DPIA, a contract number")
+
+
 class PrepConfig(Section):
     """Turn documents and tickets into instruction-response records."""
 
     sources: list[str] = Field(default_factory=lambda: ["sources"], description="files/folders, relative to the workspace")
     tables: list[TableMapping] = Field(default_factory=list, description="CSV/JSONL files without a matching entry are quarantined")
     min_chars: int = Field(20, ge=0, description="document sections shorter than this are dropped (table rows are kept)")
+    boilerplate_min_docs: int = Field(
+        3, ge=2, description="a short paragraph (<= 200 chars) found in this many documents is boilerplate and dropped")
+    max_file_mb: float = Field(200, gt=0, description="larger files are quarantined without being read")
+    workers: int | None = Field(None, ge=1, description="processes that extract files; null: one per CPU core")
+    ocr: bool = Field(True, description="OCR PDF pages without a text layer with tesseract, when it is installed")
+    ocr_languages: str = Field("eng", description="tesseract languages, e.g. eng+jpn+tha (their language data must be installed)")
     chunk_chars: int = Field(600, ge=100, description="documents are cut into sections of about this many characters")
     near_dup_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity above which texts are near-duplicates")
     pii_action: Literal["mask", "pseudonymize", "keep"] = Field(
@@ -103,9 +147,15 @@ class PrepConfig(Section):
     )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of labeled records for validation")
     test_fraction: float = Field(0.2, ge=0, lt=1, description="share of labeled records for test")
-    review_sample_size: int = Field(50, ge=0, description="records sampled into data/review.csv for a person to read")
+    review_sample_size: int = Field(
+        50, ge=0, description="records sampled, stratified by task and file type, into data/review.csv and review.html for a person to read")
     seed: int = Field(0, description="seeds the split and the review sample")
     canaries: CanaryConfig = CanaryConfig()
+    general: GeneralConfig = GeneralConfig()
+    reident: ReidentConfig = ReidentConfig()
+    data_use: list[SourceDeclaration] = Field(
+        default_factory=list, description="the data-use register: purpose and legal basis per source (data/register.md)")
+    require_legal_basis: bool = Field(False, description="refuse to run while a source file has no prep.data_use entry")
 
 
 class LabelConfig(Section):
@@ -123,6 +173,13 @@ class LabelConfig(Section):
     generate_unlabeled: bool = Field(True, description="teacher writes responses for records without one")
     max_new_tokens: int = Field(16, ge=1)
     precision: Literal["bf16", "fp32"] = Field("bf16", description="teacher forward: bf16 autocast (fast) or fp32")
+    generation_temperature: float = Field(
+        0.0, ge=0, description="teacher-written responses: 0 = greedy, > 0 = sampled at this temperature "
+                               "(not the soft-label `temperature`)")
+    top_p: float = Field(1.0, gt=0, le=1, description="sampled responses: nucleus (top-p) cut-off; 1 = off")
+    seed: int = Field(0, description="seeds sampling; each record's draw depends only on (seed, record id, sample)")
+    responses_per_prompt: int = Field(
+        1, ge=1, description="teacher-written responses per unlabeled record (> 1 needs generation_temperature > 0)")
 
 
 class LoraConfig(Section):
@@ -130,6 +187,46 @@ class LoraConfig(Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names that get adapters, e.g. [q_proj, v_proj]; all-linear: every linear "
+                                  "layer but the LM head")
+
+
+class HiddenAlignmentConfig(Section):
+    """Intermediate-layer alignment: pull the student's hidden states towards the teacher's (FitNets-style). Needs
+    the teacher's hidden states, so train.teacher_signal=online (offline soft labels hold only log-probabilities)."""
+
+    enabled: bool = False
+    layer_map: dict[int, int] | Literal["uniform"] = Field(
+        "uniform", description="{student_layer: teacher_layer}, 0-based; uniform: student layer i of S <- teacher "
+                               "layer round((i + 1) * T / S) - 1 (the last to the last)")
+    loss: Literal["mse", "cosine"] = Field("mse", description="mse, or cosine (1 - cosine similarity), per token")
+    weight: float = Field(1.0, ge=0, description="loss += weight * (mean over the mapped layers)")
+
+
+class AssistantConfig(Section):
+    """Teacher-assistant chain (Mirzadeh et al., 2020): distill teacher -> assistant first, then assistant ->
+    student with the assistant as an online teacher. Off unless `derive_layers` or `model` is set."""
+
+    derive_layers: int | None = Field(None, ge=1, description="derive the assistant from the teacher by keeping N layers")
+    model: str | None = Field(None, description="or an assistant model folder (same tokenizer as the teacher)")
+    steps: int | None = Field(None, ge=1, description="optimizer steps of the teacher -> assistant phase (null: train.steps)")
+
+
+class SweepConfig(Section):
+    """`stillhouse train --sweep`: one short training per point of the grid temperature x alpha x learning_rate
+    (other train settings as configured), ranked by the validation task metric."""
+
+    temperature: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1.0, 2.0], min_length=1,
+        description="KD temperatures; one other than label.temperature relabels with the teacher once (cached)")
+    alpha: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.0, 0.5, 0.9], min_length=1,
+        description="KD weights; 0 is the cross-entropy baseline (one trial, whatever the temperature)")
+    learning_rate: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1e-4, 3e-4, 1e-3], min_length=1, description="peak learning rates")
+    steps: int = Field(40, ge=1, description="optimizer steps per trial (short: trials rank settings, they are not the final run)")
+    evals: int = Field(2, ge=1, description="validation evaluations per trial; a trial scores its best one")
 
 
 class TrainConfig(Section):
@@ -140,7 +237,9 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, ge=1)
     learning_rate: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(10, ge=0)
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term; (1 - alpha) weights cross-entropy")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term; (1 - alpha) weights cross-entropy. "
+                                                     "1 (pure KD) is allowed but warned about: without any CE "
+                                                     "students tend to collapse into repetition")
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "total_variation", "skew_forward_kl", "skew_reverse_kl"] = Field(
         "forward_kl", description="KD divergence over the teacher's top-k + tail (see stillhouse.losses)")
     jsd_beta: float = Field(0.5, ge=0, le=1)
@@ -150,7 +249,19 @@ class TrainConfig(Section):
     early_stopping_patience: int = Field(0, ge=0, description="stop after N evals without improvement (0: never)")
     keep_checkpoints: int = Field(2, ge=1)
     loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of LM head + loss")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="after the warm-up: cosine or linear decay to final_lr_ratio * learning_rate, or constant")
+    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="the learning rate at the last step, as a share of the peak")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (matrices only, not norms/biases)")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0: no clipping)")
+    teacher_signal: Literal["offline", "online"] = Field(
+        "offline", description="offline: the top-k soft labels in labels/; online: the teacher runs inside the loop "
+                               "(all V tokens, dense; it must fit in memory next to the student)")
+    hidden_alignment: HiddenAlignmentConfig = HiddenAlignmentConfig()
+    assistant: AssistantConfig = AssistantConfig()
+    tensorboard: bool = Field(True, description="also write student/tensorboard/ event files when tensorboard is installed")
     lora: LoraConfig = LoraConfig()
+    sweep: SweepConfig = SweepConfig()
     seed: int = 0
 
 
@@ -193,8 +304,13 @@ class ExportConfig(Section):
     formats: list[Literal["safetensors", "gguf"]] = Field(
         default_factory=lambda: ["safetensors", "gguf"],
         description="safetensors (transformers, vLLM) always; gguf (llama.cpp) for Llama-family students")
-    gguf_quants: list[Literal["f16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
+    gguf_quants: list[Literal["f16", "q8_0", "q4_0"]] = Field(
+        default_factory=lambda: ["f16", "q8_0", "q4_0"],
+        description="GGUF files to write; q8_0 and q4_0 are the quantized variants (8-bit, 4-bit blocks)")
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    reeval_examples: int = Field(
+        50, ge=0, description="test records answered by the export and by each quantized GGUF (loaded back, greedy) "
+                               "to measure what quantization costs; 0: skip")
     allow_failed_redteam: bool = Field(
         False, description="export a student whose redteam verdict is 'fail' (recorded in the manifest and model card)")
 
@@ -214,7 +330,7 @@ class ServeConfig(Section):
 
 
 class MonitorConfig(Section):
-    """Input drift between production requests (serve/requests.jsonl) and the training data."""
+    """Drift between production requests (serve/requests.jsonl) and the training data; `monitor --redistill`."""
 
     drift_threshold: float = Field(0.2, gt=0, description="population stability index above which inputs drifted")
     min_requests: int = Field(5, ge=1, description="fewer requests than this -> verdict 'insufficient data'")
@@ -222,6 +338,45 @@ class MonitorConfig(Section):
     oov_margin: float = Field(
         0.1, gt=0, le=1, description="out-of-vocabulary word rate this far above the val split's counts as drift"
     )
+    false_alarm_rate: float = Field(
+        0.01, gt=0, lt=1, description="chance that a window of ordinary traffic is called drift (all checks together, Bonferroni)")
+    embedding_sample: int = Field(
+        500, ge=0, description="requests and train inputs each (at most) for the embedding test on the student's hidden states; 0: off")
+    labeled_requests: str | None = Field(
+        None, description="JSONL of requests with labels from people (records, or log rows with a `label`): accuracy drift")
+    accuracy_margin: float = Field(
+        0.05, gt=0, le=1, description="accuracy on labeled requests this far below the student's test accuracy counts as drift")
+    redistill_max_regression: float = Field(
+        0.02, ge=0, le=1, description="--redistill: the candidate may score at most this much below the current student per task")
+    redistill_steps: int | None = Field(None, ge=1, description="--redistill: training steps for the candidate (null: train.steps)")
+
+
+class TcoConfig(Section):
+    """Total cost of ownership in the check report: the student on your own server vs a cloud API, per month,
+    per million tokens, and the break-even month. Every input is echoed in the report; override with --set tco.x=..."""
+
+    currency: str = Field("USD", description="label only: every price below is in this currency")
+    requests_per_day: float = Field(10000, ge=0)
+    tokens_per_request: float = Field(600, ge=0, description="prompt + response tokens per request (what a cloud API bills)")
+    response_tokens_per_request: float = Field(100, ge=0, description="generated tokens per request (what sizes the server)")
+    peak_to_average: float = Field(3.0, ge=1, description="peak traffic / average traffic: servers are sized for the peak")
+    cloud_price_per_million_tokens: float = Field(1.0, ge=0, description="the cloud API's price, blended over prompt and response")
+    server_price: float = Field(30000, ge=0, description="purchase price of one GPU server")
+    lifetime_months: int = Field(36, ge=1, description="months over which the server is written off")
+    power_watts: float = Field(1000, ge=0, description="average power draw of one server, W")
+    electricity_price_per_kwh: float = Field(0.25, ge=0)
+    operations_per_month: float = Field(0, ge=0, description="staff, rack space, support per month (all servers)")
+    student_tokens_per_s: Annotated[float, Field(gt=0)] | Literal["measured"] | None = Field(
+        None, description="generated tokens/s of one server with the student: a planned number; 'measured': eval's "
+                          "tokens/s (batched, on the machine eval ran on); null: one server is assumed to suffice")
+
+
+class LadderConfig(Section):
+    """`stillhouse ladder`: distill several student sizes with the same budget and plot accuracy against latency."""
+
+    rungs: list[int | str] = Field(
+        default_factory=lambda: [2, 4, 6],
+        description="one student per entry: a number of teacher layers to keep (derived) or a model folder")
 
 
 class Config(Section):
@@ -239,6 +394,8 @@ class Config(Section):
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
+    tco: TcoConfig = TcoConfig()
+    ladder: LadderConfig = LadderConfig()
 
     workspace: Path = Field(Path("."), exclude=True)
 

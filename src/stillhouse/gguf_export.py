@@ -5,7 +5,9 @@ Written with the `gguf` package (the writer llama.cpp's own converter uses), so 
     merges, special ids) and the chat template;
   - tensors renamed (`blk.N.attn_q.weight`, ...), with the query and key projections permuted the way llama.cpp
     expects for its rotary embedding (transformers' GGUF loader undoes exactly this permutation);
-  - norms in F32, the rest in F16 or Q8_0 (rows whose length is not a multiple of 32 stay F16).
+  - norms in F32, the rest in F16, Q8_0 or Q4_0 (rows whose length is not a multiple of 32 stay F16). Q4_0 keeps
+    the token embedding (also the LM head when tied) in Q8_0, as llama.cpp's own quantizer keeps it at a higher
+    type: 4-bit output logits cost the most accuracy for the fewest bytes saved.
 Only the Llama architecture (SmolLM2, Llama 2/3, ...) is supported; anything else is refused with a clear error.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from stillhouse.errors import StillhouseError
 
-QUANT_TYPES = ("f16", "q8_0")
+QUANT_TYPES = ("f16", "q8_0", "q4_0")
 
 # HF name suffix -> GGUF name suffix, for the tensors of one decoder block
 _BLOCK = {
@@ -102,7 +104,8 @@ def write_gguf(model_dir: Path, out_path: Path, *, quant: str = "f16", license: 
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(head_dim)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quant == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])
 
     # tokenizer: ids are positions in the token list, so it must cover the embedding rows exactly
     vocab_rows = cfg["vocab_size"]
@@ -144,9 +147,9 @@ def write_gguf(model_dir: Path, out_path: Path, *, quant: str = "f16", license: 
             data = _permute_for_rope(data, n_kv)
         if data.ndim == 1:
             w.add_tensor(gname, data.astype(np.float32))
-        elif quant == "q8_0" and data.shape[-1] % 32 == 0:
-            w.add_tensor(gname, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif quant != "f16" and data.shape[-1] % 32 == 0:  # both types quantize blocks of 32 along a row
+            qtype = gguf.GGMLQuantizationType.Q4_0 if quant == "q4_0" and gname.startswith("blk.") else gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, data.astype(np.float16))
         count += 1

@@ -13,7 +13,9 @@ street words, post boxes, words + number after "address:" / "lives on", then the
 country lines after it; Japanese 丁目 and Thai ถนน/ซอย forms), PERSON (after titles and context words like "Name:",
 "contact", "employee"; or capitalized words holding a given or family name from Faker's lists for ~80 locales
 (data/pii/, read at the first call), a middle initial, or a Slavic/Nordic/Georgian/... family-name ending; a
-name's words again later in the text; lowercase given + family name pairs; Japanese and Thai forms).
+name's words again later in the text; lowercase given + family name pairs; any name-like words in a strong
+position: dialogue speaker labels "Ubul: ...", a list after "founders:", before "lives on" / "was born";
+Japanese and Thai forms).
 Bench: `bench/pii.py` (precision/recall/F2 on presidio-research's set and on our en/ja/th gold set).
 
 Why no NER model or Presidio: Presidio downloads a spaCy model at start and exits offline (Presidio #1447), and
@@ -231,6 +233,11 @@ _TAIL_PART = re.compile(
     r"|(?P<state>[A-Z]{2})(?=[ \t]+\d)"
     r"|(?P<place>[A-ZÀ-ÖØ-ÞĀ-ɏ][\wÀ-ɏ'.\-]*(?:[ \t]+(?:de|del|la|le|di|da|du|van|von|[A-ZÀ-ÖØ-ÞĀ-ɏ][\wÀ-ɏ'.\-]*)){0,3})"
 )
+# An intersection: "the corner of Dalbraut 99 and Frederikke Coves" (capitalized words or numbers on both sides).
+_ADDRESS_CORNER = re.compile(
+    r"(?:\b[Tt]he[ \t]+)?\b[Cc]orner[ \t]+of[ \t]+(?:(?:[A-ZÀ-ÞĀ-ɏ\d][\wÀ-ɏ'.\-]*|ul\.)[ \t]+){1,5}?(?:and|&)[ \t]+"
+    r"(?:[A-ZÀ-ÞĀ-ɏ\d][\wÀ-ɏ'\-]*|ul\.)(?:[ \t]+(?:[A-ZÀ-ÞĀ-ɏ\d][\wÀ-ɏ'\-]*|(?:St|Str|Ave|Rd)\.))*"
+)
 # Japanese: prefecture ... N丁目N番(地)N号 (the form Faker ja_JP and real addresses use).
 _ADDRESS_JA = re.compile(
     r"(?:〒?\d{3}-\d{4}[ \t　]*)?(?:東京都|北海道|(?:大阪|京都)府|[\u4e00-\u9fff]{2,3}県)[\u30a0-\u30ff\u4e00-\u9fff々ヶ]{1,24}?"
@@ -245,12 +252,13 @@ _ADDRESS_TH = re.compile(
 
 # --- PERSON -------------------------------------------------------------------------------------------------
 _NAME_WORD = r"[A-ZÀ-ÖØ-ÞĀ-ɏ][A-Za-zÀ-ÖØ-öø-ÿĀ-ɏ'\-]*(?!\w)"
-_TITLE_BEFORE = re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Madam|Mme|Mlle|Herr|Frau|Sr|Sra)\b\.?[ \t]+$")
+_TITLE_BEFORE = re.compile(r"\b(?:[Mm]r|[Mm]rs|[Mm]s|Miss|Mx|Dr|Prof|Sir|Madam|Mme|Mlle|Herr|Frau|Sr|Sra)\b\.?[ \t]+$")  # "ms. Quinzia"
 # Form labels and self-introductions: whatever capitalized words follow are a name.
 _LABEL_BEFORE = re.compile(
     r"(?i:\b(?:(?:full |first |last |customer |contact |employee |patient |client )?name|customer|contact|employee|"
     r"patient|client|requester|requested by|reported by|submitted by|assigned to|assignee|reporter|approved by|"
-    r"prepared by|author|attn|attention|signed|owner)[ \t]*:[ \t]*$|\b(?:my|his|her|their|maiden|full|legal) name is[ \t]+$)"
+    r"prepared by|author|attn|attention|signed|owner)[ \t]*:[ \t]*$|\b(?:my|his|her|their|maiden|full|legal) name is[ \t]+$|"
+    r"\bwhat(?:'s| is) (?:your|his|her|their) name\?[ \t\n]*$)"
 )
 # Person-ish context words: the next words are a name if they are two capitalized words or start with a
 # gazetteer first name ("contact Maria Lopez", "employee Kim Ito"; but "contact Support" stays).
@@ -264,6 +272,25 @@ _PERSON_CONTEXT_BEFORE = re.compile(
 _PERSON_VERB_AFTER = re.compile(
     r"[ \t]+(?:said|says|told|asked|wrote|replied|added|explained|lives|lived|works|worked|moved|joined|left|"
     r"called|emailed|phoned|(?:has|had|was|is)[ \t]+(?:given|born|married|told|asked|from))\b"
+)
+# At the start of a line any capitalized word stands ("Nginx said", "Kubernetes is from Google"): there only
+# verbs that a product or a firm cannot take count ("Trivo lives on ...").
+_PERSON_VERB_AT_START = re.compile(r"[ \t]+(?:lives|lived|(?:has|had|was|is)[ \t]+(?:given|born|married))\b")
+# Chat transcripts: "Ubul: What a wife.\nNicole: Really?": a line that starts with one or two name-like words and
+# a colon and a capitalized utterance is a speaker label when another line of the text starts the same way (one
+# "Note: ..." line is not); the usual log and form labels ("Warning: Disk full") never are.
+_SPEAKER = re.compile(r"(?m)^[ \t]*([A-ZÀ-ÖØ-Þ][a-zà-öø-ÿ'\-]+(?:[ \t][A-ZÀ-ÖØ-Þ][a-zà-öø-ÿ'\-]+)?):[ \t]+[\"'“(]?[A-ZÀ-ÖØ-Þ]")
+_NOT_SPEAKER = frozenset(
+    "Warning Warn Error Info Debug Trace Fatal Critical Notice Status State Result Results Output Input Note Tip "
+    "Hint Example Answer Question Source Reason Cause Fix Solution Step Total Type Category Tags Title Description "
+    "Comment Comments Response Request Reply Level Priority Severity Version Build Host Path File Line Message".split()
+)
+# People named as a list after a plural person noun: "our 3 founders: Kónya, Becker and Vasquez" (a firm name
+# has the same shape, "Barnett, Melton and Garcia", so the noun before the colon decides).
+_PEOPLE_LIST = re.compile(
+    r"(?i:\b(?:co-?)?(?:founders|authors|speakers|attendees|guests|participants|members|witnesses|children|"
+    r"siblings|parents|friends|candidates|winners|recipients)\b)[ \t]*:[ \t]*"
+    rf"(?P<names>{_NAME_WORD}(?:[ \t]+{_NAME_WORD})?(?:(?:,[ \t]*|,?[ \t]+(?:and|&)[ \t]+){_NAME_WORD}(?:[ \t]+{_NAME_WORD})?)+)"
 )
 _WORD_START = re.compile(r"(?<![\w@.'\-])[A-ZÀ-ÖØ-ÞĀ-ɏ]")
 _PARTICLES = r"(?:(?:van|von|de|der|den|da|di|du|del|della|la|le|ter|ten|bin|al)[ \t]+){0,2}"  # "Maika van de Noort"
@@ -512,7 +539,7 @@ def _find_addresses(text: str) -> list[Span]:
         end = _address_tail(text, m.end())
         if end > m.end():
             out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
-    for rx in (_ADDRESS_JA, _ADDRESS_TH):
+    for rx in (_ADDRESS_JA, _ADDRESS_TH, _ADDRESS_CORNER):
         for m in rx.finditer(text):
             value = m.group().rstrip(". ")  # a Thai address at the end of a sentence keeps its full stop
             out.append(Span(m.start(), m.start() + len(value), "ADDRESS", value))
@@ -562,7 +589,11 @@ def _name_words(words: list[str | None]) -> list[str]:
 def _find_persons(text: str) -> list[Span]:
     gaz = _gazetteers()
     out: list[Span] = []
-    firms = [m.span() for m in _FIRM.finditer(text) if not all(w in gaz.first for w in m.groups())]
+    people = [m.span("names") for m in _PEOPLE_LIST.finditer(text)]
+    firms = [m.span() for m in _FIRM.finditer(text)
+             if not all(w in gaz.first for w in m.groups()) and not any(a <= m.start() < b for a, b in people)]
+    speakers = {m.start(1) for m in _SPEAKER.finditer(text)}
+    speakers = speakers if len(speakers) >= 2 else set()  # one "Note: ..." line is not a dialogue
     covered = 0
     for w in _WORD_START.finditer(text):  # every capitalized word may start a name ("Dear Anna": skip "Dear")
         if w.start() < covered:
@@ -587,18 +618,24 @@ def _find_persons(text: str) -> list[Span]:
         name_like = not any(word.lower() in gaz.common for word in words)
         if product_like or org_like or street_like:
             ok = False
-        elif _TITLE_BEFORE.search(before) or _LABEL_BEFORE.search(before):
+        elif _TITLE_BEFORE.search(before) or _LABEL_BEFORE.search(before) or any(a <= m.start() < b for a, b in people):
             ok = True
+        elif m.start() in speakers and name_like and text.startswith(":", end) and words[0] not in _NOT_SPEAKER:
+            ok = True  # a speaker label of a dialogue ("Ubul: What a wife.")
         elif _PERSON_CONTEXT_BEFORE.search(before):
             ok = words[0] in FIRST_NAMES or words[0] in gaz.first or len(words) >= 2
-        elif name_like and _PERSON_VERB_AFTER.match(text, end) and not (m.start() == 0 or text[m.start() - 1] in "\n"):
-            ok = True  # not at the start of a text or line, where any capitalized word stands ("Support said")
+        elif name_like and (_PERSON_VERB_AT_START if m.start() == 0 or text[m.start() - 1] == "\n"
+                            else _PERSON_VERB_AFTER).match(text, end):
+            ok = True
         elif len(words) >= 2 and name_like:
             # "Maciej Borkowski", "Elita B Desaulniers": a known given or family name, or a middle initial
             ok = (any(w in gaz.first or w in gaz.last or _surname_shaped(w) for w in words)  # "Csenger Gábor"
                   or bool(_MIDDLE_INITIAL.search(text, m.start(), end)))
         else:
-            ok = words[0] in FIRST_NAMES or (len(words) == 1 and name_like and (words[0] in gaz.first or _surname_shaped(words[0])))
+            # a lone word needs no place of the same spelling ("Berlin | 180" is a city in a table, not a person)
+            ok = (len(words) > 1 or words[0] not in gaz.places) and (
+                words[0] in FIRST_NAMES
+                or (len(words) == 1 and name_like and (words[0] in gaz.first or _surname_shaped(words[0]))))
         if ok:
             out.append(Span(m.start(), end, "PERSON", text[m.start() : end]))
             covered = end
@@ -663,6 +700,7 @@ class _Gazetteers(NamedTuple):
     last: frozenset  # family names, the same
     common: frozenset  # frequent English words, lowercase: never a name on their own
     countries: frozenset
+    places: frozenset  # one-word city/state names: never a person on their own ("Hotels in Berlin")
 
 
 @functools.cache
@@ -678,7 +716,8 @@ def _gazetteers() -> _Gazetteers:
     # names that are also frequent words, sentence openers or countries ("Will", "Can", "Jordan") only ever
     # count next to other evidence (a title, a context word, a second name word)
     drop = _NOT_NAME | countries | {w.capitalize() for w in common}
-    return _Gazetteers(read("first_names.txt") - drop, read("last_names.txt") - drop, common, countries)
+    return _Gazetteers(read("first_names.txt") - drop, read("last_names.txt") - drop, common, countries,
+                       read("places.txt"))
 
 
 _LOWER_STOP = frozenset("and or but from at in on and i im the a to is was my please".split())

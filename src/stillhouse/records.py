@@ -79,11 +79,18 @@ def encode(tokenizer, record: dict, max_seq_len: int) -> Encoded:
 
 
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
-             progress=None) -> list[str]:
-    """Greedy decoding of token-id prompts, batched with left padding, KV cache on. Returns decoded text
-    up to (not including) the end-of-turn token. Prompts are sorted by length to minimise padding."""
-    import torch
+             progress=None, *, temperature: float = 0.0, top_p: float = 1.0, seeds: list[int] | None = None) -> list[str]:
+    """Decode token-id prompts, batched with left padding, KV cache on. Returns decoded text up to (not including)
+    the end-of-turn token. Prompts are sorted by length to minimise padding.
 
+    temperature 0: greedy. temperature > 0: sampled (softmax at `temperature`, nucleus `top_p`), prompt i drawing
+    from its own generator seeded with `seeds[i]`, so its answer does not depend on which prompts share its batch
+    or on any global RNG (see `sample_seed`)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    if temperature > 0 and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError("sampled generation needs one seed per prompt")
     eot = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -97,9 +104,11 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
             p = prompts[i]
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
+        # sampling rides on greedy decoding: the processor draws each row's token and leaves only it finite
+        extra = LogitsProcessorList([_RowSampler([seeds[i] for i in idx], temperature, top_p)] if temperature > 0 else [])
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16_ok(model)):
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=[eot, tokenizer.eos_token_id], pad_token_id=pad)
+                                 eos_token_id=[eot, tokenizer.eos_token_id], pad_token_id=pad, logits_processor=extra)
         for row, i in enumerate(idx):
             new = gen[row, width:].tolist()
             if eot in new:
@@ -108,6 +117,39 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         if progress is not None:
             progress(len(idx))
     return out
+
+
+def sample_seed(seed: int, record_id: str, sample: int) -> int:
+    """The sampling seed of one response: a function of (seed, record id, sample index) only, so a resumed or
+    re-sharded run draws exactly the same tokens for the same record."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}/{record_id}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)  # torch.Generator takes a non-negative int64
+
+
+class _RowSampler:
+    """A logits processor that samples every row with its own torch.Generator (temperature, then top-p) and returns
+    scores in which only the drawn token is finite, so `generate`'s greedy step picks it. Per-row generators make
+    a record's draw independent of its batch neighbours (a shared global RNG would not)."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.seeds, self.generators = seeds, None
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.generators is None:  # on the scores' device: a CPU generator cannot draw from a CUDA tensor
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        if self.top_p < 1.0:
+            # keep the smallest set of most likely tokens whose mass reaches top_p (the top token always stays)
+            sorted_p, sorted_ids = probs.sort(dim=-1, descending=True, stable=True)
+            drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p
+            probs = probs.scatter(-1, sorted_ids, sorted_p.masked_fill(drop, 0.0))
+        picked = torch.stack([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter(-1, picked, 0.0)
 
 
 def _bf16_ok(model) -> bool:

@@ -12,6 +12,7 @@ where n = len(input_ids) - prompt_len: position p in [prompt_len - 1, len - 2] p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -113,13 +114,29 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def response_hidden(model, batch: Batch):
-    """Final hidden states at the supervised positions, (N, H), and the LM head weight (V, H).
+def decoder_states(model, batch: Batch, layers: tuple[int, ...] = ()):
+    """One decoder forward: the final hidden states at the supervised positions (N, H), the LM head weight (V, H),
+    and for each of `layers` (0-based) that layer's output at every real (non-padding) token, (M, H).
     We stop before the LM head so the (B, L, V) logits are never built: the loss applies the head chunk by chunk."""
     base = _base(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (B, L, H)
-    return hidden[batch.rows, batch.cols], base.get_output_embeddings().weight
+    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=bool(layers))
+    hidden = out.last_hidden_state  # (B, L, H)
+    real = batch.attention_mask.bool()  # (B, L)
+    # hidden_states[0] is the embedding output, hidden_states[i + 1] the output of layer i
+    inner = [out.hidden_states[i + 1][real] for i in layers]
+    return hidden[batch.rows, batch.cols], base.get_output_embeddings().weight, inner
+
+
+def response_hidden(model, batch: Batch):
+    """Final hidden states at the supervised positions, (N, H), and the LM head weight (V, H)."""
+    hidden, head, _ = decoder_states(model, batch)
+    return hidden, head
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
+    """Student layer i of S <- teacher layer round((i + 1) * T / S) - 1: spread evenly, the last to the last."""
+    return {i: round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)}
 
 
 @dataclass
@@ -142,14 +159,27 @@ class FitParams:
     seed: int = 0
     eval_samples: int = 3  # validation records whose greedy output goes to samples.jsonl at every evaluation
     lr_setting: str = "train.learning_rate"  # the config key that sets learning_rate, named in error messages
+    lr_schedule: str = "cosine"  # after warm-up: cosine | linear decay to final_lr_ratio * learning_rate | constant
+    final_lr_ratio: float = 0.1
+    weight_decay: float = 0.0  # AdamW, on matrices only (norm weights and biases are not decayed)
+    max_grad_norm: float = 1.0  # 0: no clipping
+    # hidden-state alignment with an online teacher: {student layer: teacher layer}, mse | cosine, its loss weight
+    align_layers: dict[int, int] | None = None
+    align_loss: str = "mse"
+    align_weight: float = 0.0
+    tensorboard: bool = True  # event files in out_dir/tensorboard/ when tensorboard is installed
+    memory_hint: str = ""  # what to change when memory runs out (from the check stage's plan), named in that error
 
 
 def lr_at(step: int, p: FitParams) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+    """Linear warm-up, then cosine or linear decay to final_lr_ratio of the peak (or constant)."""
     if step < p.warmup_steps:
         return p.learning_rate * (step + 1) / p.warmup_steps
-    progress = (step - p.warmup_steps) / max(1, p.steps - p.warmup_steps)
-    return p.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    if p.lr_schedule == "constant":
+        return p.learning_rate
+    progress = min(1.0, (step - p.warmup_steps) / max(1, p.steps - p.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if p.lr_schedule == "cosine" else 1.0 - progress  # 1 -> 0
+    return p.learning_rate * (p.final_lr_ratio + (1.0 - p.final_lr_ratio) * shape)
 
 
 def evaluate(model, examples: list[Example], pad_id: int, batch_size: int = 32) -> dict:
@@ -161,21 +191,23 @@ def evaluate(model, examples: list[Example], pad_id: int, batch_size: int = 32) 
     import torch
     import torch.nn.functional as F
 
+    device = next(model.parameters()).device
     model.eval()
     per_task: dict[str, list[float]] = {}
     losses, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            batch = collate(chunk, pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            batch = _to(collate(chunk, pad_id), device)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 hidden, head = response_hidden(model, batch)
             logits = (hidden.float() @ head.float().T)  # (N, V): fine at validation batch sizes
             losses += F.cross_entropy(logits, batch.targets, reduction="sum").item()
             tokens += len(batch.targets)
-            correct = (logits.argmax(-1) == batch.targets).float()
+            correct = (logits.argmax(-1) == batch.targets).float().cpu()
+            owner = batch.example_of_position.cpu()
             for i, e in enumerate(chunk):
-                c = correct[batch.example_of_position == i]
+                c = correct[owner == i]
                 score = float(c.min()) if e.task == "classification" else float(c.mean())
                 per_task.setdefault(e.task, []).append(score)
     model.train()
@@ -187,31 +219,160 @@ def evaluate(model, examples: list[Example], pad_id: int, batch_size: int = 32) 
     }
 
 
+def _to(batch: Batch, device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    return Batch(*(t.to(device) if t is not None else None for t in (
+        batch.input_ids, batch.attention_mask, batch.rows, batch.cols, batch.targets, batch.teacher_ids,
+        batch.teacher_logprobs, batch.example_of_position)))
+
+
+def _student_loss_module(model, projections, p: FitParams):
+    """The student's forward and the whole loss as one torch module: what accelerate wraps for DDP, so
+    every use of a trained parameter happens inside forward(). Returns {"loss", "ce", "kd", "align"}."""
+    import torch
+    import torch.nn.functional as F
+
+    from stillhouse.losses import distill_loss
+
+    pairs = sorted((p.align_layers or {}).items())  # [(student layer, teacher layer)]
+
+    class StudentLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.projections = model, projections
+
+        def forward(self, batch: Batch, teacher_hidden=None, teacher_head=None, teacher_inner=()):
+            with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=p.precision == "bf16"):
+                hidden, head, inner = decoder_states(self.model, batch, tuple(s for s, _ in pairs))
+            kd_on = p.alpha > 0
+            out = distill_loss(
+                hidden, head, batch.targets, batch.teacher_ids if kd_on else None,
+                batch.teacher_logprobs if kd_on else None, temperature=p.temperature, alpha=p.alpha,
+                divergence=p.divergence, beta=p.jsd_beta, skew_alpha=p.skew_alpha, chunk_tokens=p.loss_chunk_tokens,
+                teacher_hidden=teacher_hidden if kd_on else None, teacher_head=teacher_head if kd_on else None,
+            )
+            align = out["loss"].new_zeros(())
+            for (s, _), h_s, h_t in zip(pairs, inner, teacher_inner):  # (M, H_s), (M, H_t) at every real token
+                proj = self.projections[str(s)] if self.projections is not None else None
+                dtype = proj.weight.dtype if proj is not None else torch.float32  # fp32, not autocast's bf16
+                h_s, h_t = h_s.to(dtype), h_t.to(dtype)
+                if proj is not None:
+                    h_s = proj(h_s)  # (M, H_s) -> (M, H_t)
+                if p.align_loss == "mse":
+                    align = align + F.mse_loss(h_s, h_t)
+                else:
+                    align = align + (1 - F.cosine_similarity(h_s, h_t, dim=-1)).mean()
+            if pairs:
+                align = align / len(pairs)
+                out["loss"] = out["loss"] + p.align_weight * align
+            out["align"] = align.detach()
+            return out
+
+    return StudentLoss()
+
+
+def _teacher_signal(teacher, batch: Batch, p: FitParams):
+    """The online teacher's final hidden states (N, H_t), LM head (V_t, H_t) and mapped layers' states (M, H_t),
+    under no_grad: only what the chunked loss needs, never its (N, V) logits."""
+    import torch
+
+    if teacher is None or (p.alpha == 0 and not p.align_layers):  # nothing would use it
+        return None, None, ()
+    layers = tuple(t for _, t in sorted((p.align_layers or {}).items()))
+    with torch.no_grad(), torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16,
+                                         enabled=p.precision == "bf16"):
+        hidden, head, inner = decoder_states(teacher, batch, layers)
+    return hidden, head, inner
+
+
+def _alignment_projections(model, teacher, p: FitParams):
+    """A learned linear map student -> teacher hidden size per aligned layer (None when the sizes are equal)."""
+    import torch
+
+    if not p.align_layers:
+        return None
+    h_s, h_t = _base(model).config.hidden_size, _base(teacher).config.hidden_size
+    if h_s == h_t:
+        return None
+    return torch.nn.ModuleDict({str(s): torch.nn.Linear(h_s, h_t, bias=False) for s in sorted(p.align_layers)})
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower()))
+
+
+def _tensorboard(out_dir: Path, enabled: bool):
+    """A SummaryWriter on out_dir/tensorboard/ when tensorboard is installed (an optional extra), else None."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def process_state():
+    """accelerate's view of this process (rank, world size, device); under `accelerate launch` or torchrun it also
+    joins the process group: gloo between CPU processes when the machine has no accelerator (accelerate does that
+    only when told cpu=True). Stages use it to let the main process write their files."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.accelerator.is_available())
+
+
 def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams, out_dir: Path,
-        meta: dict, label: str = "train") -> dict:
+        meta: dict, label: str = "train", teacher=None) -> dict:
     """Train `model` in place; write `step-NNNNNN/`, `best/` (by val_score), `final/`, `metrics.jsonl` and
     `samples.jsonl` (a few greedy validation outputs per evaluation) in `out_dir`.
 
-    Resumes from `out_dir/resume/` (model, optimizer, step, data order, Python and torch RNG) after a crash or
-    Ctrl-C: rows logged after that checkpoint are dropped, so on CPU the result equals an uninterrupted run.
-    A NaN/inf loss or gradient stops with a StillhouseError naming the step; the last good checkpoint is kept.
+    `teacher`: an online teacher model run inside the loop (dense KD over all V tokens, and the hidden states that
+    `p.align_layers` aligns); None: the examples' stored top-k soft labels, if any.
+    Under `accelerate launch` each of W processes takes every W-th of the step's W * grad_accum_steps micro-batches
+    (all draw the same order), gradients are averaged by DDP, and only the main process writes: W processes equal
+    one process with W times the accumulation. Resumes from `out_dir/resume/` (model, optimizer, step, data order,
+    Python and torch RNG) after a crash or Ctrl-C: rows logged after that checkpoint are dropped, so on CPU the
+    result equals an uninterrupted run. A NaN/inf loss or gradient stops with a StillhouseError naming the step; the
+    last good checkpoint is kept. Running out of memory stops with one that says what to change (p.memory_hint).
     Returns a summary: best step and score, final metrics, tokens/s."""
     import torch
+    from accelerate import Accelerator
 
     from stillhouse.errors import StillhouseError
-    from stillhouse.losses import distill_loss
     from stillhouse.models import save_pretrained
 
     if not train:
         raise StillhouseError(f"{label}: no training examples (the training split is empty); add labeled records "
                               f"to the sources and re-run prep (and label)")
+    if p.align_layers and teacher is None:
+        raise StillhouseError(f"{label}: hidden-state alignment needs the teacher's hidden states: set "
+                              f"train.teacher_signal=online (the offline soft labels hold only log-probabilities)")
+    # the device, and under `accelerate launch` the process group (see process_state)
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise StillhouseError(f"{label}: accelerate's {accelerator.distributed_type.name} is not supported yet (checkpoints "
+                              f"and validation need the whole model in every process); launch with DDP instead: "
+                              f"examples/accelerate/ddp.yaml, see docs/distributed.md")
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = accelerator.device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pad_id = tokenizer.pad_token_id
     torch.manual_seed(p.seed)
     rng = random.Random(p.seed)
-    trainable = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+    projections = _alignment_projections(model, teacher, p) if teacher is not None else None
+    loss_module = _student_loss_module(model, projections, p).to(device)  # before the optimizer sees the parameters
+    trainable = [q for q in loss_module.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW([{"params": [q for q in trainable if q.dim() >= 2], "weight_decay": p.weight_decay},
+                             {"params": [q for q in trainable if q.dim() < 2], "weight_decay": 0.0}],
+                            lr=p.learning_rate, betas=(0.9, 0.95))
     metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
     state = {"step": 0, "best_score": -1.0, "best_step": None, "bad_evals": 0, "order": [], "cursor": 0,
              "params": asdict(p)}
@@ -221,18 +382,27 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
     if saved is not None:
         state = json.loads((saved / "state.json").read_text())
         model.load_state_dict(torch.load(saved / "model.pt", weights_only=True), strict=False)
+        if projections is not None and (saved / "projections.pt").exists():
+            projections.load_state_dict(torch.load(saved / "projections.pt", weights_only=True))
         opt.load_state_dict(torch.load(saved / "optimizer.pt", weights_only=True))
         rng.setstate(_tuplify(state.pop("rng")))
         torch.set_rng_state(torch.load(saved / "torch_rng.pt", weights_only=True))
-        for path in (metrics_path, samples_path):  # rows logged after the checkpoint are re-done now
-            _truncate_jsonl(path, state["step"])
-        changed = sorted(k for k, v in asdict(p).items() if state.get("params", {}).get(k) != v)
+        if main:
+            for path in (metrics_path, samples_path):  # rows logged after the checkpoint are re-done now
+                _truncate_jsonl(path, state["step"])
+        changed = sorted(k for k, v in json.loads(json.dumps(asdict(p))).items()
+                         if state.get("params", {}).get(k) != v and k != "memory_hint")
         console.print(f"[yellow]{label}: resuming at step {state['step']} from {saved}"
                       + (f" (changed since: {', '.join(changed)})" if changed else "") + "[/]")
         state["params"] = asdict(p)
-    else:
+    elif main:
         for path in (metrics_path, samples_path):
             path.unlink(missing_ok=True)  # a fresh run: old curves would mislead
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+    accelerator.wait_for_everyone()  # no process may read files the main one is still truncating
+    # DDP under accelerate launch; one process needs no wrapper (and keeps the hot path free of accelerate's)
+    wrapped, opt = accelerator.prepare(loss_module, opt) if world > 1 else (loss_module, opt)
+    board = _tensorboard(out_dir, p.tensorboard) if main else None
 
     def next_batch() -> list[Example]:
         out = []
@@ -245,8 +415,16 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
         return out
 
     def log(path: Path, rows: list[dict]) -> None:
+        if not main:
+            return
         with open(path, "a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
+        if board is not None and path == metrics_path:
+            for r in rows:
+                for k, v in r.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        board.add_scalar(f"{'val' if k.startswith('val') else 'train'}/{k}", v, r["step"])
+            board.flush()
 
     def diverged(step: int, what: str) -> StillhouseError:
         kept = (f"the last good checkpoint (step {state['step_saved']}) is kept in {out_dir}, and a re-run "
@@ -259,23 +437,29 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
         if not math.isfinite(ev["val_loss"]) or not all(bool(torch.isfinite(q).all()) for q in trainable):
             raise diverged(step, "the validation loss or the weights")
         score = ev["val_score"]
-        name = f"step-{step:06d}"
-        save_pretrained(_mergeable(model), tokenizer, out_dir / name, {**meta, "step": step, "val_score": score})
-        if score > state["best_score"]:
+        improved = score > state["best_score"]
+        if improved:
             state["best_score"], state["best_step"], state["bad_evals"] = score, step, 0
-            save_pretrained(_mergeable(model), tokenizer, out_dir / "best", {**meta, "step": step, "val_score": score})
         else:
             state["bad_evals"] += 1
+        state["step_saved"] = step
+        if not main:  # every process keeps the same state; one writes it
+            return
+        name = f"step-{step:06d}"
+        save_pretrained(_mergeable(model), tokenizer, out_dir / name, {**meta, "step": step, "val_score": score})
+        if improved:
+            save_pretrained(_mergeable(model), tokenizer, out_dir / "best", {**meta, "step": step, "val_score": score})
         steps = sorted(d for d in out_dir.glob("step-*") if d.is_dir())
         for old in steps[: -p.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         # resume state last (a crash before this re-does at most one eval interval), into a temp folder whose
         # state.json is written last: a kill at any moment leaves one complete copy (see _last_resume_state)
-        state["step_saved"] = step
         tmp = out_dir / ".resume.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         torch.save(model.state_dict(), tmp / "model.pt")
+        if projections is not None:
+            torch.save(projections.state_dict(), tmp / "projections.pt")
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")  # dropout (LoRA) draws from it
         (tmp / "state.json").write_text(json.dumps({**state, "rng": rng.getstate()}))
@@ -287,7 +471,7 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
         from stillhouse.records import generate
 
         chosen = val[: p.eval_samples]
-        if not chosen:
+        if not chosen or not main:
             return
         refs = [e.input_ids[e.prompt_len:] for e in chosen]
         model.eval()
@@ -299,55 +483,80 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
                             "reference": tokenizer.decode(ref, skip_special_tokens=True).strip(), "output": out}
                            for e, ref, out in zip(chosen, refs, outs)])
 
-    use_bf16 = p.precision == "bf16"
-    model.train()
-    t0, tokens_seen, stopped_early = time.time(), 0, False
-    with progress_bar(label, total=p.steps, unit="step") as advance:
-        advance(state["step"])
-        while state["step"] < p.steps:
-            step = state["step"] + 1  # the step being taken, as logged and as folders are named
-            t_step = time.time()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step - 1, p)
-            totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-            step_tokens = 0
-            for _ in range(p.grad_accum_steps):
-                batch = collate(next_batch(), pad_id)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    hidden, head = response_hidden(model, batch)
-                out = distill_loss(
-                    hidden, head, batch.targets, batch.teacher_ids if p.alpha > 0 else None,
-                    batch.teacher_logprobs if p.alpha > 0 else None, temperature=p.temperature, alpha=p.alpha,
-                    divergence=p.divergence, beta=p.jsd_beta, skew_alpha=p.skew_alpha,
-                    chunk_tokens=p.loss_chunk_tokens,
-                )
+    def train_step(step: int) -> dict:
+        """One optimizer step over W * grad_accum_steps micro-batches; this process takes every W-th of them."""
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, p)
+        totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, kd, align, tokens
+        mine = []
+        for j in range(world * p.grad_accum_steps):
+            examples = next_batch()  # every process draws every micro-batch: the same order everywhere
+            if j % world == rank:
+                mine.append(examples)
+        for i, examples in enumerate(mine):
+            batch = _to(collate(examples, pad_id), device)
+            t_hidden, t_head, t_inner = _teacher_signal(teacher, batch, p)
+            last = i == len(mine) - 1
+            with accelerator.no_sync(wrapped) if not last else contextlib.nullcontext():  # sync once per step
+                out = wrapped(batch, t_hidden, t_head, t_inner)
                 if not torch.isfinite(out["loss"]):
                     raise diverged(step, "the training loss")
-                (out["loss"] / p.grad_accum_steps).backward()
-                step_tokens += int(batch.attention_mask.sum())
-                for k in totals:
-                    totals[k] += float(out[k].detach()) / p.grad_accum_steps
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            if not torch.isfinite(grad_norm):  # stop before the step: the weights stay the last good ones
-                raise diverged(step, "the gradient")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            state["step"] = step
-            tokens_seen += step_tokens
-            log(metrics_path, [{"step": step, **{k: round(v, 5) for k, v in totals.items()}, "lr": lr_at(step - 1, p),
-                                "tokens_per_s": round(step_tokens / max(time.time() - t_step, 1e-9), 1)}])
-            advance(1, info=f"loss {totals['loss']:.3f}")
-            if step % p.eval_every_steps == 0 or step == p.steps:
-                ev = evaluate(model, val, pad_id) if val else {"val_score": -totals["loss"], "val_loss": totals["loss"]}
-                log(metrics_path, [{"step": step, **ev}])
-                write_samples(step)  # before the checkpoint: a resume from it never lacks this step's samples
-                checkpoint(step, ev)
-                if p.early_stopping_patience and state["bad_evals"] >= p.early_stopping_patience:
-                    stopped_early = True
-                    console.print(f"{label}: early stop at step {step} (no improvement in {state['bad_evals']} evals)")
-                    break
-    save_pretrained(_mergeable(model), tokenizer, out_dir / "final", {**meta, "step": state["step"]})
-    shutil.rmtree(resume, ignore_errors=True)
+                accelerator.backward(out["loss"] / p.grad_accum_steps)
+            totals += torch.stack([out[k].detach().double() / p.grad_accum_steps
+                                   for k in ("loss", "ce", "kd", "align")] + [batch.attention_mask.sum().double()])
+        if world > 1:  # the logged loss is the mean over all processes' micro-batches; tokens their sum
+            totals = accelerator.reduce(totals, "sum") * torch.tensor([1 / world] * 4 + [1.0], dtype=totals.dtype,
+                                                                         device=device)
+        grad_norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm if p.max_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):  # stop before the step: the weights stay the last good ones
+            raise diverged(step, "the gradient")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return dict(zip(("loss", "ce", "kd", "align", "tokens"), totals.tolist()))
+
+    model.train()
+    t0, tokens_seen, stopped_early = time.time(), 0, False
+    try:
+        with progress_bar(label, total=p.steps, unit="step") as advance:
+            advance(state["step"])
+            while state["step"] < p.steps:
+                step = state["step"] + 1  # the step being taken, as logged and as folders are named
+                t_step = time.time()
+                totals = train_step(step)
+                step_tokens = int(totals.pop("tokens"))
+                if not p.align_layers:
+                    totals.pop("align")
+                state["step"] = step
+                tokens_seen += step_tokens
+                log(metrics_path, [{"step": step, **{k: float(f"{v:.6g}") for k, v in totals.items()},
+                                    "lr": lr_at(step - 1, p),
+                                    "tokens_per_s": round(step_tokens / max(time.time() - t_step, 1e-9), 1)}])
+                advance(1, info=f"loss {totals['loss']:.3f}")
+                if step % p.eval_every_steps == 0 or step == p.steps:
+                    ev = evaluate(model, val, pad_id) if val else {"val_score": -totals["loss"], "val_loss": totals["loss"]}
+                    log(metrics_path, [{"step": step, **ev}])
+                    write_samples(step)  # before the checkpoint: a resume from it never lacks this step's samples
+                    checkpoint(step, ev)
+                    accelerator.wait_for_everyone()
+                    if p.early_stopping_patience and state["bad_evals"] >= p.early_stopping_patience:
+                        stopped_early = True
+                        console.print(f"{label}: early stop at step {step} (no improvement in {state['bad_evals']} evals)")
+                        break
+    except Exception as e:
+        if not _is_out_of_memory(e):
+            raise
+        at = f"at step {state['step'] + 1}" if state["step"] < p.steps else "after the last step"
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise StillhouseError(f"{label}: out of memory {at} on {device} ({detail}); "
+                              + (p.memory_hint or "lower the batch size, or enable LoRA") + "; after the change a re-run "
+                              "continues from the last checkpoint, if one was written") from None
+    finally:
+        if board is not None:
+            board.close()
+    if main:
+        save_pretrained(_mergeable(model), tokenizer, out_dir / "final", {**meta, "step": state["step"]})
+        shutil.rmtree(resume, ignore_errors=True)
+    accelerator.wait_for_everyone()
     seconds = time.time() - t0
     return {
         "steps": state["step"], "best_step": state["best_step"], "best_val_score": state["best_score"],

@@ -12,6 +12,9 @@ it takes seconds):
 4. offline: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE are in force, and the configs and
    tokenizers read above came from local files (which ones).
 
+Also the cost of ownership (stillhouse.tco, config section `tco`): on-premises vs a cloud API, per month and per
+million tokens, and the break-even month, with every input echoed.
+
 Writes check/report.json and check/report.md. License acceptances (what, when, by whom) go into the manifest.
 A gate that says no raises GateError after the report is written and without a manifest, so a re-run checks
 again.
@@ -30,7 +33,9 @@ from stillhouse.config import Config
 from stillhouse.errors import GateError, StillhouseError
 from stillhouse.licenses import LICENSE_FILES, check_data_provenance, detect_license, gguf_metadata, license_decision
 from stillhouse.models import ModelSource, evenly_spaced_layers, load_tokenizer, resolve_model
-from stillhouse.workspace import StageRun, atomic_write_json, atomic_write_text, read_jsonl
+from stillhouse.tco import markdown as tco_markdown
+from stillhouse.tco import tco
+from stillhouse.workspace import StageRun, atomic_write_json, atomic_write_text, load_manifest, read_jsonl
 
 GPU_SIZES_GB = (24, 48, 80, 141)
 FIT_FRACTION = 0.9  # "fits" leaves 10% for allocator fragmentation and buffers the estimate leaves out
@@ -574,6 +579,9 @@ def run(cfg: Config) -> dict:
         "train": cfg.train.model_dump(mode="json", include={"batch_size", "grad_accum_steps", "precision", "lora", "loss_chunk_tokens"}),
         "serve_max_tokens": cfg.serve.max_tokens,
         "machine_ram_gb": round(psutil.virtual_memory().total / GB, 1),  # the plan's verdicts depend on it
+        "tco": cfg.tco.model_dump(mode="json"),
+        # only when asked for: otherwise every eval would make the next `run` re-check
+        "measured_tokens_per_s": _measured_tokens_per_s(cfg) if cfg.tco.student_tokens_per_s == "measured" else None,
     }
     stage = StageRun(cfg, "check", inputs=inputs, params=params)
     if stage.previous:
@@ -661,6 +669,7 @@ def run(cfg: Config) -> dict:
         "tokenizer": tokenizer,
         "hardware": hardware,
         "offline": offline,
+        "tco": tco(cfg.tco, params["measured_tokens_per_s"]),
     }
     atomic_write_json(stage.dir / "report.json", report)
     atomic_write_text(stage.dir / "report.md", _markdown(report))
@@ -688,6 +697,12 @@ def run(cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- output
+
+
+def _measured_tokens_per_s(cfg: Config) -> float | None:
+    """The student's generated tokens/s (batched) from eval's manifest, if eval has run."""
+    ev = load_manifest(cfg.workspace, "eval") or {}
+    return ev.get("metrics", {}).get("models", {}).get("student", {}).get("tokens_per_s_batched")
 
 
 def _markdown(r: dict) -> str:
@@ -754,6 +769,7 @@ def _markdown(r: dict) -> str:
         lines.append("- student: derived from the teacher (its config and tokenizer)")
     lines += [f"- trust_remote_code: teacher {off['trust_remote_code']['teacher']}, student {off['trust_remote_code']['student']}"]
     lines += ["", "Assumptions:", *[f"- {a}" for a in hw["assumptions"]], ""]
+    lines += tco_markdown(r["tco"])
     return "\n".join(lines)
 
 
@@ -793,4 +809,9 @@ def _print_summary(r: dict) -> None:
     console.print(mem)
     for s in r["hardware"]["suggestions"]:
         console.print(f"[yellow]suggestion:[/] {escape(s)}")
+    t = r["tco"]
+    be = t["break_even_month"]
+    console.print(f"cost per month ({t['currency']}): cloud API {t['cloud']['monthly']:,.0f}, on-premises "
+                  f"{t['on_prem']['monthly']:,.0f} ({t['servers']} server(s)); break-even "
+                  f"{'never' if be is None else f'month {be}'} (inputs: tco.* in report.md)")
     # stops are not repeated here: the CLI prints the GateError line, and report.md has them all

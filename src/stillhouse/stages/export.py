@@ -1,7 +1,13 @@
 """export: the chosen student as a plain safetensors folder that transformers and vLLM load, with a model card
 (license, lineage, metrics, redteam verdict) and a sha256 list of every file.
 
-GGUF and quantized variants are a later issue (see docs); this stage never claims formats it did not write.
+GGUF files (llama.cpp) for Llama-family students: f16, and the quantized variants q8_0 (8-bit blocks) and q4_0
+(4-bit blocks; the embedding stays 8-bit). Each variant is loaded back (transformers dequantizes it, so its weights
+are exactly the quantized ones) and answers the first `export.reeval_examples` labeled test records, greedy, like
+the export itself: `export/quantization.json` and the manifest show each variant's task score, its retention
+(variant score / export score) and how often its answer equals the export's. bitsandbytes/torchao variants for GPU
+serving are not written: neither runs on this project's CPU machines, and a variant is only written if it can be
+re-evaluated here. This stage never claims formats it did not write.
 
 A student whose redteam verdict is "fail" is refused (exit 1) unless `export.allow_failed_redteam` is set; the
 override is recorded in the export manifest and on the model card.
@@ -70,7 +76,9 @@ def run(cfg: Config) -> dict:
     best = ws / "student" / "best"
     red = redteam_status(cfg)
     # the verdict is a parameter: a new redteam result must not be skipped as "up to date"
-    run_ = StageRun(cfg, "export", inputs=[best], params={"export": cfg.export.model_dump(), "redteam": red})
+    test_split = ws / "data" / "test.jsonl"  # re-evaluated on: a new split must not be skipped as "up to date"
+    run_ = StageRun(cfg, "export", inputs=[best] + ([test_split] if test_split.exists() else []),
+                    params={"export": cfg.export.model_dump(), "redteam": red, "eval_max_new_tokens": cfg.eval.max_new_tokens})
     if run_.previous:
         console.print("export: up to date, skipped")
         return run_.previous
@@ -83,25 +91,33 @@ def run(cfg: Config) -> dict:
     n_params = count_parameters(model)
     atomic_write_text(out / "README.md", _card(cfg, n_params, lineage, red))
     formats = ["safetensors"]
+    quantization = None
     if "gguf" in cfg.export.formats:
-        formats += _write_gguf(cfg, out, lineage)
+        ggufs = _write_gguf(cfg, out, lineage)
+        formats += [f"gguf-{q}" for q in ggufs]
+        quantization = _reeval(cfg, out, ggufs)
     sums = {str(p.relative_to(run_.dir)): sha256_file(p) for p in sorted(run_.dir.rglob("*"))
             if p.is_file() and p.parent.name in ("model", "gguf")}
     atomic_write_text(run_.dir / "SHA256SUMS", "".join(f"{h}  {name}\n" for name, h in sums.items()))
     size = sum(Path(run_.dir / n).stat().st_size for n in sums if n.startswith("model/"))
     warn = " [bold red]despite a failed redteam (allowed by export.allow_failed_redteam)[/bold red]" if red["overridden"] else ""
     console.print(f"export: {out} ({size / 1e6:.1f} MB, {cfg.export.dtype}){warn}")
-    return run_.finish(metrics={"parameters": n_params, "bytes": size}, files=sums, formats=formats, redteam=red)
+    metrics = {"parameters": n_params, "bytes": size}
+    if quantization:
+        metrics["quantization"] = {q: {k: v[k] for k in ("score", "retention", "agreement", "bytes")}
+                                   for q, v in quantization["variants"].items()}
+    return run_.finish(metrics=metrics, files=sums, formats=formats, redteam=red)
 
 
-def _write_gguf(cfg: Config, model_dir: Path, lineage: dict) -> list[str]:
-    """export/gguf/student-{quant}.gguf for each configured quantization; [] (with a note) for non-Llama students."""
+def _write_gguf(cfg: Config, model_dir: Path, lineage: dict) -> dict[str, Path]:
+    """export/gguf/student-{quant}.gguf for each configured quantization ({quant: path}); {} (with a note) for
+    non-Llama students."""
     from stillhouse.gguf_export import write_gguf
     from stillhouse.licenses import gguf_metadata
 
     if json.loads((model_dir / "config.json").read_text()).get("model_type") != "llama":
         console.print("export: GGUF skipped: only Llama-family students are written as GGUF (safetensors is there)")
-        return []
+        return {}
     # llama.cpp picks its pre-tokenizer regex by name: take the teacher's when it came as GGUF (a derived student
     # shares its tokenizer)
     pre = "default"
@@ -109,10 +125,56 @@ def _write_gguf(cfg: Config, model_dir: Path, lineage: dict) -> list[str]:
     if teacher.is_gguf and cfg.student.model is None:
         pre = gguf_metadata(teacher.path).get("tokenizer.ggml.pre", "default")
     license_id = ((load_manifest(cfg.workspace, "check") or {}).get("license") or {}).get("student", {}).get("license")
-    written = []
+    written = {}
     for quant in cfg.export.gguf_quants:
         info = write_gguf(model_dir, model_dir.parent / "gguf" / f"student-{quant}.gguf", quant=quant,
                           license=license_id, name=f"{cfg.project} student", tokenizer_pre=pre)
         console.print(f"export: {info['path']} ({info['bytes'] / 1e6:.1f} MB)")
-        written.append(f"gguf-{quant}")
+        written[quant] = Path(info["path"])
     return written
+
+
+def _reeval(cfg: Config, model_dir: Path, ggufs: dict[str, Path]) -> dict | None:
+    """Answer the first `export.reeval_examples` labeled test records with the export and with each GGUF variant
+    (greedy, `eval.max_new_tokens`); score them as the eval stage does for classification (exact label) and with
+    token F1 otherwise. Writes export/quantization.json; None when there is nothing to measure."""
+    from stillhouse import metrics as M
+    from stillhouse.models import ModelSource
+    from stillhouse.records import encode_prompt, generate, response_text
+    from stillhouse.workspace import atomic_write_json, read_jsonl
+
+    test_path = cfg.workspace / "data" / "test.jsonl"
+    n = cfg.export.reeval_examples
+    if not n or not ggufs or not test_path.exists():
+        return None
+    records = [r for r in read_jsonl(test_path) if response_text(r)][:n]
+    if not records:
+        return None
+    tok = load_tokenizer(resolve_model(str(model_dir)))
+    prompts = [encode_prompt(tok, r) for r in records]
+
+    def answer(src) -> list[str]:
+        return generate(load_model(src), tok, prompts, cfg.eval.max_new_tokens, batch_size=32)
+
+    def score(outputs: list[str]) -> float:
+        per = [float(M.normalize_prediction(o) == response_text(r).strip()) if r["task"] == "classification"
+               else M.token_f1(o, response_text(r)) for r, o in zip(records, outputs)]
+        return sum(per) / len(per)
+
+    console.print(f"export: re-evaluating {len(ggufs)} GGUF variant(s) on {len(records)} test records")
+    reference = answer(resolve_model(str(model_dir)))
+    base = score(reference)
+    variants = {}
+    for quant, path in ggufs.items():
+        outs = answer(ModelSource(path.parent, path.name))
+        s = score(outs)
+        variants[quant] = {"score": round(s, 4), "retention": round(s / base, 4) if base else None,
+                           "agreement": round(sum(a == b for a, b in zip(outs, reference)) / len(outs), 4),
+                           "bytes": path.stat().st_size, "outputs": outs}
+        console.print(f"export: {quant}: score {s:.3f} (export {base:.3f}), same answer as the export on "
+                      f"{variants[quant]['agreement']:.0%} of records")
+    result = {"records": [r["id"] for r in records], "metric": "classification: exact label; other tasks: token F1",
+              "max_new_tokens": cfg.eval.max_new_tokens, "export_score": round(base, 4), "export_outputs": reference,
+              "variants": variants}
+    atomic_write_json(model_dir.parent / "quantization.json", result)
+    return result

@@ -1,7 +1,11 @@
 """label: run the teacher once and keep what the student needs from it.
 
-1. Sequence-level labels: for train records without a response (unlabeled internal data), the teacher writes one
-   (greedy). `labels/generated.jsonl` keeps them with provenance.
+1. Sequence-level labels: for train records without a response (unlabeled internal data), the teacher writes
+   `label.responses_per_prompt` of them: greedy (`label.generation_temperature: 0`) or sampled (temperature, top_p).
+   Each response draws from its own generator seeded by (label.seed, record id, sample index), so a resumed or
+   re-sharded run draws the same tokens (batches are fixed per shard; another label.batch_size changes the padding,
+   and bf16 rounding of the logits could then, rarely, flip a draw). `labels/generated.jsonl` keeps them with provenance (teacher, source record,
+   sample index, decoding parameters); with n > 1 their ids are `ID-sampleK`.
 2. Token-level soft labels (when teacher and student share a tokenizer): for every response token, the teacher's
    top-k log-probabilities at temperature T (softmax over the full vocabulary first), in compact shards
    `labels/shard-NNNNN.safetensors` (format: `stillhouse.softlabels`). `labels/sequences.jsonl` keeps the exact
@@ -29,6 +33,7 @@ never re-encoded from the returned strings.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -37,7 +42,7 @@ from pathlib import Path
 from stillhouse.config import Config
 from stillhouse.errors import StillhouseError
 from stillhouse.models import load_model, load_tokenizer, resolve_model, teacher_source, tokenizer_fingerprint
-from stillhouse.records import Encoded, encode, encode_prompt, generate, response_text, with_response
+from stillhouse.records import Encoded, encode, encode_prompt, generate, response_text, sample_seed, with_response
 from stillhouse.ui import console, progress_bar
 from stillhouse.workspace import StageRun, atomic_write_json, load_manifest, read_jsonl, write_jsonl
 
@@ -85,15 +90,28 @@ def _load_teacher(cfg: Config, src):
     except StillhouseError as e:  # load_model names the file and the reader's error
         raise StillhouseError(f"cannot load the teacher: {e}") from None
     except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+        if not _is_oom(e):
             raise StillhouseError(f"{src.path}: cannot load the teacher ({str(e).splitlines()[0]})") from None
-        plan = (load_manifest(cfg.workspace, "check") or {}).get("metrics", {}).get("peak_label_gb")
-        hint = f"`stillhouse check` planned {plan} GB for labeling" if plan else "run `stillhouse check` for a memory plan"
-        raise StillhouseError(f"{src.path}: the teacher does not fit in memory ({hint}); use a machine with more "
-                              "memory or a smaller teacher") from None
+        raise _out_of_memory(cfg, f"{src.path}: the teacher does not fit in memory") from None
     except Exception as e:  # a corrupt safetensors or GGUF file raises its library's own error type
         raise StillhouseError(f"{src.path}: cannot load the teacher ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                               "check teacher.model points at a complete model folder or GGUF file") from None
+
+
+def _is_oom(e: BaseException) -> bool:
+    # torch raises RuntimeError ("DefaultCPUAllocator: can't allocate memory") on CPU and torch.OutOfMemoryError
+    # (a RuntimeError) on GPU; Python's own allocations raise MemoryError
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "memory" in str(e).lower())
+
+
+def _out_of_memory(cfg: Config, what: str) -> StillhouseError:
+    """`what`, plus the check stage's plan (its memory estimate and its suggestions) read from check/manifest.json."""
+    check = load_manifest(cfg.workspace, "check") or {}
+    plan = check.get("metrics", {}).get("peak_label_gb")
+    tips = check.get("hardware", {}).get("suggestions") or []
+    hint = (f"`stillhouse check` planned {plan} GB for labeling" if plan else "run `stillhouse check` for a memory plan")
+    hint += f"; it suggests: {'; '.join(tips)}" if tips else "; try a smaller --set label.batch_size"
+    return StillhouseError(f"{what} ({hint}); or use a machine with more memory or a smaller teacher")
 
 
 def response_logits(model, pad_id: int, batch: list[Encoded], precision: str = "bf16"):
@@ -125,6 +143,9 @@ def run(cfg: Config, shard: str | None = None) -> dict:
 
     lc = cfg.label
     rank, world = parse_shard(shard)
+    if lc.responses_per_prompt > 1 and lc.generation_temperature == 0:
+        raise StillhouseError(f"label.responses_per_prompt={lc.responses_per_prompt} with greedy decoding gives identical "
+                              "copies; set label.generation_temperature > 0 (e.g. 0.7) or responses_per_prompt=1")
     data = cfg.workspace / "data"
     if not (data / "train.jsonl").exists():
         raise StillhouseError(f"{data / 'train.jsonl'} not found; run `stillhouse -w {cfg.workspace} prep` first")
@@ -148,7 +169,18 @@ def run(cfg: Config, shard: str | None = None) -> dict:
             with progress_bar(f"label: shards {rank}/{world}" if world > 1 else "label",
                               total=sum(len(slices[s]) for s in todo), unit="rec") as advance:
                 for s in todo:
-                    _label_shard(cfg, out, job, s, slices[s], model, tok, mode, src, advance)
+                    try:
+                        _label_shard(cfg, out, job, s, slices[s], model, tok, mode, src, advance)
+                    except OSError as e:  # every write is atomic (temp file, rename): finished shards stay valid
+                        why = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                               errno.EFBIG: "file size limit reached"}.get(e.errno, "cannot write")
+                        raise StillhouseError(
+                            f"{why} writing {out / _name(s)} ({e.strerror or e}); "
+                            "free space and re-run `stillhouse label`: finished shards are kept") from None
+                    except (MemoryError, RuntimeError) as e:
+                        if not _is_oom(e):
+                            raise
+                        raise _out_of_memory(cfg, f"{out / _name(s)}: out of memory running the teacher") from None
         left = [s for s in range(n_shards) if not _shard_done(out, s, job, mode)]
         if left:
             console.print(f"label: this process's shards ({rank}/{world}) are done; {len(left)} of {n_shards} shards "
@@ -197,7 +229,7 @@ def _prepare(cfg: Config, out: Path, job: str, s: int, records: list[dict], mode
         return part
     counts = {"generated": 0, "unlabeled_skipped": 0, "empty_responses_skipped": 0, "truncated": 0}
     unlabeled = [r for r in records if response_text(r) is None]
-    generated = {}
+    generated: dict[str, list[dict]] = {}  # unlabeled record id -> the teacher's (non-empty) responses to it
     if unlabeled and lc.generate_unlabeled:
         prompt_room = max(1, lc.max_seq_len - lc.max_new_tokens)  # prompt + response must fit max_seq_len
         prompts, cut = [], set()
@@ -208,14 +240,28 @@ def _prepare(cfg: Config, out: Path, job: str, s: int, records: list[dict], mode
                 p = p[-prompt_room:]  # keep the end of the prompt (the question), as `encode` does
                 cut.add(r["id"])
             prompts.append(p)
-        texts = generate(model, tok, prompts, lc.max_new_tokens, batch_size=max(lc.batch_size, 32))
-        generated = {r["id"]: with_response(r, t, {"generated_by": "teacher", "teacher": str(src.path)})
-                     for r, t in zip(unlabeled, texts) if t.strip()}
-        counts["generated"] = len(generated)
+        n = lc.responses_per_prompt
+        jobs = [(r, k) for r in unlabeled for k in range(n)]  # (record, sample index), n per record
+        sampled = lc.generation_temperature > 0
+        texts = generate(model, tok, [p for p in prompts for _ in range(n)], lc.max_new_tokens,
+                         batch_size=max(lc.batch_size, 32), temperature=lc.generation_temperature, top_p=lc.top_p,
+                         seeds=[sample_seed(lc.seed, r["id"], k) for r, k in jobs] if sampled else None)
+        for (r, k), text in zip(jobs, texts):
+            if not text.strip():
+                continue  # the teacher wrote nothing: counted below as unlabeled
+            decoding = ({"strategy": "sample", "temperature": lc.generation_temperature, "top_p": lc.top_p,
+                         "seed": lc.seed, "sample_seed": sample_seed(lc.seed, r["id"], k)} if sampled
+                        else {"strategy": "greedy"})
+            g = with_response(r, text, {"generated_by": "teacher", "teacher": str(src.path), "source_id": r["id"],
+                                        "sample": k, "samples": n,
+                                        "decoding": {**decoding, "max_new_tokens": lc.max_new_tokens}})
+            if n > 1:
+                g["id"] = f"{r['id']}-sample{k}"  # ids stay unique: train and the shards key on them
+            generated.setdefault(r["id"], []).append(g)
+        counts["generated"] = sum(len(v) for v in generated.values())
         counts["truncated"] += len(cut)
-    rows = []
-    for r in records:
-        r = generated.get(r["id"], r)
+    rows, written = [], {g["id"] for gs in generated.values() for g in gs}
+    for r in (g for rec in records for g in generated.get(rec["id"], [rec])):
         text = response_text(r)
         if text is None:
             counts["unlabeled_skipped"] += 1  # not generated, or the teacher wrote nothing
@@ -227,12 +273,12 @@ def _prepare(cfg: Config, out: Path, job: str, s: int, records: list[dict], mode
             e = encode(tok, r, sys.maxsize)
             if len(e.input_ids) > lc.max_seq_len:
                 _too_long(cfg, r, len(e.input_ids), lc.max_seq_len)
-                counts["truncated"] += r["id"] not in generated  # a cut generation prompt is counted already
+                counts["truncated"] += r["id"] not in written  # a cut generation prompt is counted already
                 e = encode(tok, r, lc.max_seq_len)
             rows.append({"id": r["id"], "task": r["task"], "input_ids": e.input_ids, "prompt_len": e.prompt_len,
                          "shard": f"{_name(s)}.safetensors",
                          "teacher_written": bool(r.get("provenance", {}).get("generated_by"))})
-    part = {"job": job, "rows": rows, "generated": list(generated.values()), "counts": counts}
+    part = {"job": job, "rows": rows, "generated": [g for gs in generated.values() for g in gs], "counts": counts}
     atomic_write_json(part_path, part)
     return part
 

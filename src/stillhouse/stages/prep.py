@@ -1,24 +1,36 @@
 """`stillhouse prep [SRC...]`: documents and tickets in; clean, deduplicated, PII-masked, split records out.
 
-    extract   PDF (text layer, page by page), DOCX (paragraphs and tables), HTML (main content only),
-              Markdown, .txt (encoding detected), CSV/JSONL tables mapped by `prep.tables`.
-              Unreadable files are copied to data/quarantine/ with a .reason.txt; the run goes on.
-    clean     NFKC, whitespace; running headers/footers and page numbers of PDFs dropped.
+    extract   PDF (text layer, page by page; scans OCRed by tesseract when installed), DOCX (paragraphs and
+              tables), HTML (main content only), Markdown, .txt (encoding detected), e-mail (.eml: body and
+              attachments), CSV/JSONL/XLSX tables mapped by `prep.tables`. Files are read in `prep.workers`
+              processes and each result is cached by content hash in data/resume/extract/, so a killed run
+              resumes. Unusable files (corrupt, encrypted, binary, too large, symlink loops, ...) get a
+              .reason.txt in data/quarantine/ (and a copy, if prep opened them); the run goes on.
+    clean     NFKC, whitespace; running headers/footers and page numbers of PDFs dropped; paragraphs shared
+              by many documents (boilerplate) and lines without a letter or digit dropped; sections too
+              short, mostly symbols or repetitive dropped, each reason counted.
     records   documents -> sections of about `chunk_chars` -> "What does the <title> say about <heading>?";
               table rows -> one record each (rows without an answer -> unlabeled, for the teacher).
     dedup     exact (normalized text hash) and near (MinHash LSH, every pair verified by exact Jaccard).
     pii       masked / pseudonymized / kept per `pii_action`; originals only in data/pii_private.json.
     label     sensitivity from marks ("confidential", "internal only", ...) and PII; above max -> dropped.
+    reident   quasi-identifier combinations (date + age + job title ...) shared by fewer than k records:
+              reported, generalized or dropped per `prep.reident` (stillhouse.reident); reviewed first.
     split     train/val/test, seeded, stratified by label; similar records never straddle two splits.
 
-Outputs in data/: train.jsonl, val.jsonl, test.jsonl, review.csv, report.json, pii_private.json,
-quarantine/, manifest.json; with `prep.canaries.enabled`, canaries_private.json (secrets planted in
+Outputs in data/: train.jsonl, val.jsonl, test.jsonl, review.csv + review.html (a stratified sample with
+the reason each record was kept), report.json, pii_private.json,
+quarantine/, manifest.json, reident.csv (records at re-identification risk: QI kinds, no values),
+register.md (every source's purpose and legal basis from `prep.data_use`; refused without one when
+`prep.require_legal_basis`); with `prep.canaries.enabled`, canaries_private.json (secrets planted in
 train only). The user's files are only ever read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import fnmatch
 import hashlib
 import io
@@ -28,21 +40,25 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stillhouse import pii, textproc
+from stillhouse import pii, register, reident, textproc
 from stillhouse.config import Config, TableMapping
 from stillhouse.errors import StillhouseError
+from stillhouse.general import general_records
+from stillhouse.general import source_path as general_source
 from stillhouse.records import SENSITIVITY_LEVELS
 from stillhouse.textproc import Block
 from stillhouse.workspace import STAGES, StageRun, atomic_write_json, atomic_write_text, stage_dir, write_jsonl
 
 DOCUMENT_TYPES = {".pdf": "PDF", ".docx": "Word", ".html": "HTML", ".htm": "HTML", ".md": "Markdown",
-                  ".markdown": "Markdown", ".txt": "text"}
-TABLE_TYPES = {".csv": "CSV", ".jsonl": "JSONL"}
+                  ".markdown": "Markdown", ".txt": "text", ".eml": "e-mail"}
+TABLE_TYPES = {".csv": "CSV", ".jsonl": "JSONL", ".xlsx": "Excel"}
+EXTRACT_VERSION = 1  # bump when an extractor's output changes: cached extractions of older versions are redone
 SUPPORTED = ", ".join(sorted({*DOCUMENT_TYPES, *TABLE_TYPES}))
 # Records at least this similar (Jaccard of shingles) but below near_dup_threshold are both kept, yet always
 # land in the same split: a test record that is 70% the same text as a train record would inflate scores.
@@ -67,7 +83,12 @@ DEFAULT_SENSITIVITY = "internal"  # an organization's unmarked text is internal 
 
 
 class _Quarantine(Exception):
-    """This file cannot be used; the message says why (goes into its .reason.txt)."""
+    """This file cannot be used; `kind` is its short reason (counted in report.json), the message the long one
+    (goes into its .reason.txt)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -80,6 +101,8 @@ class _Item:
     doc_sensitivity: str | None = None  # marks found anywhere in its document (headers included)
     raw_text: str = ""  # its messages before PII masking (for the sensitivity marks)
     pii_kinds: list[str] = field(default_factory=list)
+    origin: str = ""  # what it was made from, for the review sheet ("section of 412 chars", "row mapped by ...")
+    reident: str = ""  # why its quasi-identifiers may single a person out (stillhouse.reident); review shows these first
 
 
 # ================================================================================================== run
@@ -96,7 +119,16 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
         raise StillhouseError(f"prep.val_fraction ({pc.val_fraction}) + prep.test_fraction ({pc.test_fraction}) must "
                               f"be below 1, or nothing is left to train on")
     roots = _resolve_sources(cfg, sources)
-    run_ = StageRun(cfg, "prep", inputs=roots, params=pc.model_dump(mode="json"))
+    files = _walk(cfg, roots)
+    declared = register.declare(pc.data_use, [_rel(cfg, p) for p in files], pc.require_legal_basis)  # purpose, legal basis
+    # Files prep will not read (too large, a symlink loop) are not hashed either -- a 1 GB file would take
+    # seconds -- so their reason and mtime stand in for their content in the fingerprint.
+    unread: dict[Path, _Quarantine] = {p: q for p in files if (q := _precheck(p, pc.max_file_mb))}
+    ocr = _ocr_engine(pc.ocr_languages) if pc.ocr else None
+    params = {**pc.model_dump(mode="json", exclude={"workers"}), "extract_version": EXTRACT_VERSION, "ocr_engine": ocr,
+              "unread_files": {_rel(cfg, p): f"{q}; mtime {p.lstat().st_mtime_ns}" for p, q in unread.items()}}
+    general_input = [general_source(pc.general, cfg.workspace)] if pc.general.share > 0 else []
+    run_ = StageRun(cfg, "prep", inputs=[p for p in files if p not in unread] + general_input, params=params)
     if run_.previous:
         console.print(f"prep: up to date ({run_.dir}), skipped")
         return run_.previous
@@ -106,34 +138,62 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
     t0 = time.time()
     seconds: dict[str, float] = {}
     report: dict = {"sources": [_rel(cfg, r) for r in roots]}
-    files = _walk(cfg, roots)
 
-    # 1-3: extract, clean, make records ----------------------------------------------------------------
-    items: list[_Item] = []
+    # 1-3: extract (in worker processes, cached per file), clean, make records ---------------------------
+    # Each file's extraction is cached under data/resume/extract/ by content hash as soon as it is done, so a
+    # run killed half-way redoes only the files it had not finished (the cache goes when the run finishes);
+    # records stream through in file order.
+    cache = out / "resume" / "extract"
+    cache.mkdir(parents=True, exist_ok=True)
+    mode = "on" if ocr else ("off" if not pc.ocr else "missing")
+    jobs = [(str(p), str(cache / f"{_cache_key(run_, p, mode, pc.ocr_languages)}.json"), mode, pc.ocr_languages)
+            for p in files if p not in unread]
+    workers = pc.workers or len(os.sched_getaffinity(0))
     quarantined: list[dict] = []
-    extract = {"files": len(files), "by_type": {}, "documents": 0, "pages": 0, "sections": 0, "table_rows": 0,
-               "rows_skipped": {}, "rows_skipped_examples": []}
-    clean = {"header_footer_lines": 0, "page_number_lines": 0, "sections_too_short": 0}
+    extract = {"files": len(files), "by_type": {}, "workers": workers, "cached": 0, "documents": 0, "pages": 0,
+               "ocr_pages": 0, "sections": 0, "table_rows": 0, "attachments": 0, "attachments_skipped": [],
+               "rows_skipped": {}, "rows_skipped_examples": [], "quarantined_by_kind": {}}
+    clean = {"header_footer_lines": 0, "page_number_lines": 0, "boilerplate_paragraphs": 0, "noise_paragraphs": 0,
+             "sections_dropped": {}}
     used_stems: dict[str, str] = {}
-    with progress_bar("prep: reading", total=len(files), unit="file") as advance:
+    per_file: list[tuple[str, str, list[_Item], list[dict]]] = []  # (rel, stem, table records, documents), in file order
+    with _mapper(workers, len(jobs)) as map_, progress_bar("prep: reading", total=len(files), unit="file") as advance:
+        results = map_(_extract_file, jobs)
         for path in files:
             rel = _rel(cfg, path)
             advance(0, info=path.name)
             stem = _id_stem(path, rel, used_stems)
-            try:
-                if path.suffix.lower() in TABLE_TYPES:
-                    new = _table_items(path, rel, stem, pc.tables, extract)
-                elif path.suffix.lower() in DOCUMENT_TYPES:
-                    new = _document_items(path, rel, stem, pc.chunk_chars, pc.min_chars, extract, clean)
+            res = {"quarantine": str(unread[path]), "kind": unread[path].kind} if path in unread else next(results)
+            extract["cached"] += res.pop("cached", False)
+            if "table" in res:
+                found = _find_mapping(path, rel, pc.tables)
+                if found:
+                    per_file.append((rel, stem, _table_items(rel, stem, res["table"], found, extract), []))
                 else:
-                    raise _Quarantine(f"unsupported file type '{path.suffix or path.name}'; supported: {SUPPORTED}")
-            except _Quarantine as why:
-                quarantined.append(_quarantine(out, path, rel, str(why)))
-                new = []
+                    columns = res["table"]["columns"]
+                    res = {"kind": "no table mapping", "quarantine": (
+                        f"no prep.tables entry matches '{path.name}' (columns: {', '.join(columns) or 'none'}); add one, "
+                        f"e.g. prep.tables: [{{pattern: '{path.name}', task: classification, input: "
+                        f"{columns[0] if columns else 'text'}, output: label}}]")}
+            if "documents" in res:
+                per_file.append((rel, stem, [], res["documents"]))
+                extract["attachments"] += sum(d.get("attached", False) for d in res["documents"])
+                extract["attachments_skipped"] += [f"{rel}: {a}" for d in res["documents"] for a in d.get("skipped", [])]
+            if "quarantine" in res:
+                quarantined.append(_quarantine(out, path, rel, res["kind"], res["quarantine"], copy=path not in unread))
+                extract["quarantined_by_kind"][res["kind"]] = extract["quarantined_by_kind"].get(res["kind"], 0) + 1
             kind = path.suffix.lower() or "(none)"
             extract["by_type"][kind] = extract["by_type"].get(kind, 0) + 1
-            items += new
             advance(1)
+    # the paragraphs many documents share (a disclaimer, a copyright line) are known only now
+    boilerplate = textproc.repeated_across_documents(
+        [[b[0] for d in docs for b in d["blocks"] if not b[2]] for *_, docs in per_file if docs], pc.boilerplate_min_docs)
+    items: list[_Item] = []
+    for rel, stem, rows, docs in per_file:
+        items += rows
+        n_before = len(items)
+        for doc in docs:
+            items += _document_items(rel, stem, len(items) - n_before, doc, boilerplate, pc, extract, clean)
     seconds["extract"] = round(time.time() - t0, 2)
     extract["quarantined"] = len(quarantined)
     report.update(extract=extract, clean=clean, quarantine=quarantined)
@@ -141,7 +201,7 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
         why = f"; {len(quarantined)} quarantined (reasons in {out / 'quarantine'})" if quarantined else ""
         raise StillhouseError(
             f"prep found no records in {', '.join(report['sources'])} ({len(files)} files{why}); supported file "
-            f"types: {SUPPORTED} (CSV/JSONL need a prep.tables entry naming their input column)"
+            f"types: {SUPPORTED} (CSV/JSONL/XLSX need a prep.tables entry naming their input column)"
         )
 
     # 4: deduplicate -------------------------------------------------------------------------------------
@@ -182,6 +242,17 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
             f"raise it (e.g. --set prep.max_sensitivity=restricted) if these may be used for training"
         )
 
+    # 6b: re-identification risk: QI combinations fewer than k records share (stillhouse.reident) ----------
+    if pc.reident.enabled:
+        reasons, report["reident"] = reident.assess([it.record for it in items], pc.reident, out / "reident.csv")
+        for it, why in zip(items, reasons):
+            it.reident = why
+        if pc.reident.action == "drop":
+            items, groups = [it for it in items if not it.reident], [g for it, g in zip(items, groups) if not it.reident]
+            report["reident"]["dropped"] = len(reasons) - len(items)
+    else:
+        (out / "reident.csv").unlink(missing_ok=True)  # a previous run's list is not about these records
+
     # 7: split ---------------------------------------------------------------------------------------------
     splits = _split(items, groups, pc.val_fraction, pc.test_fraction, pc.seed)
     by_split = {name: [items[i].record for i in range(len(items)) if splits[i] == name] for name in ("train", "val", "test")}
@@ -193,6 +264,14 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
     report["split"] = {name: len(recs) for name, recs in by_split.items()}
     report["split"]["unlabeled_in_train"] = sum(1 for it in items if not it.labeled)
     report["tasks"] = tasks
+
+    # 7b: general-purpose data (stillhouse.general): a share of train, and held-out records in test ------
+    if pc.general.share > 0:
+        general_train, general_test, report["general"] = general_records(
+            pc.general, len(by_split["train"]), cfg.workspace,
+            mask=None if pc.pii_action == "keep" else (lambda text: pii.mask(text, pc.pii_action, key)))
+        by_split["train"] += general_train
+        by_split["test"] += general_test
 
     # 8: canaries (train only, after the split so none can reach val/test) -------------------------------
     canaries_path = out / "canaries_private.json"
@@ -207,11 +286,17 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
     # 9: outputs -------------------------------------------------------------------------------------------
     for name, recs in by_split.items():
         write_jsonl(out / f"{name}.jsonl", recs)
+    per_source = {}
+    for rec in (r for recs in by_split.values() for r in recs):
+        per_source[rec["source"]["file"]] = per_source.get(rec["source"]["file"], 0) + 1
+    report["data_use"] = register.write_register(out / "register.md", pc.data_use, declared, run_.inputs, per_source)
     atomic_write_json(out / "pii_private.json", private)  # the only place originals are written
-    _write_review(out / "review.csv", items, splits, pc.review_sample_size, pc.seed)
+    _write_review(out, items, splits, pc, report)
     seconds["total"] = round(time.time() - t0, 2)
     report["seconds"] = seconds
     atomic_write_json(out / "report.json", report)
+    # the extraction cache holds every document's text before PII masking: it exists only while a run may resume
+    shutil.rmtree(out / "resume", ignore_errors=True)
 
     metrics = {
         "files": len(files), "quarantined": len(quarantined), "records": len(items),
@@ -227,7 +312,7 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
         f"{metrics['exact_duplicates']} exact + {metrics['near_duplicates']} near; PII {pc.pii_action}: "
         f"{json.dumps(metrics['pii'])}; report: {out / 'report.json'}"
     )
-    return run_.finish(metrics=metrics)
+    return run_.finish(metrics=metrics, data_use=report["data_use"])
 
 
 # ============================================================================================= canaries
@@ -278,12 +363,14 @@ def _resolve_sources(cfg: Config, sources: list[str] | None) -> list[Path]:
 
 
 def _walk(cfg: Config, roots: list[Path]) -> list[Path]:
-    """Every file under the roots, sorted, once; hidden files and the workspace's own stage folders skipped."""
+    """Every file under the roots, sorted, once; hidden files and the workspace's own stage folders skipped.
+    Symbolic links that lead nowhere (broken, or a loop) are listed too, so they get a reason in quarantine;
+    linked folders are not followed (rglob does not), so a link to a parent folder cannot loop."""
     ws = Path(cfg.workspace).resolve()
     own = [stage_dir(ws, s).resolve() for s in STAGES]
     out, seen = [], set()
     for root in roots:
-        cands = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        cands = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() or _dangling(p))
         for p in cands:
             rel_parts = p.relative_to(root).parts if p != root else ()
             if any(part.startswith((".", "~$")) for part in rel_parts) or any(p.is_relative_to(d) for d in own):
@@ -294,11 +381,36 @@ def _walk(cfg: Config, roots: list[Path]) -> list[Path]:
     return out
 
 
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()  # exists() is False for a broken link and for a loop
+
+
+def _precheck(path: Path, max_file_mb: float) -> _Quarantine | None:
+    """Why prep must not even open this file, or None."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        target = os.readlink(path) if path.is_symlink() else None
+        if e.errno == errno.ELOOP:
+            return _Quarantine("symlink loop", f"symbolic link loop (-> {target}); not followed")
+        return _Quarantine("unreadable", f"cannot open ({e.strerror})" + (f"; broken symbolic link to {target}" if target else ""))
+    if not os.access(path, os.R_OK):
+        return _Quarantine("unreadable", "permission denied; not read")
+    if size > max_file_mb * 2**20:
+        return _Quarantine("too large", f"{size / 2**20:,.0f} MB, above prep.max_file_mb={max_file_mb:g}; not read "
+                                        f"(split it, or raise the limit)")
+    return None
+
+
 def _rel(cfg: Config, path: Path) -> str:
     try:
-        return path.resolve().relative_to(Path(cfg.workspace).resolve()).as_posix()
+        full = path.resolve()
+    except RuntimeError:  # a symlink loop: name the link itself
+        full = path.parent.resolve() / path.name
+    try:
+        return full.relative_to(Path(cfg.workspace).resolve()).as_posix()
     except ValueError:
-        return str(path.resolve())
+        return str(full)
 
 
 def _id_stem(path: Path, rel: str, used: dict[str, str]) -> str:
@@ -310,40 +422,157 @@ def _id_stem(path: Path, rel: str, used: dict[str, str]) -> str:
     return stem
 
 
-def _quarantine(out: Path, path: Path, rel: str, reason: str) -> dict:
-    """Copy the file (never move: it is the user's) to data/quarantine/ with a .reason.txt beside it."""
+def _quarantine(out: Path, path: Path, rel: str, kind: str, reason: str, copy: bool = True) -> dict:
+    """Copy the file (never move: it is the user's) to data/quarantine/ with a .reason.txt beside it. Files
+    prep did not open (too large, a symlink loop) are not copied."""
     qdir = out / "quarantine"
     qdir.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^\w.\-]+", "__", rel.lstrip("/"))
-    try:
-        shutil.copyfile(path, qdir / name)
-    except OSError as e:
-        reason += f" (and it could not be copied here: {e.strerror})"
+    if copy:
+        try:
+            shutil.copyfile(path, qdir / name)
+        except OSError as e:
+            reason += f" (and it could not be copied here: {e.strerror})"
     atomic_write_text(qdir / f"{name}.reason.txt", f"{rel}: {reason}\n")
-    return {"file": rel, "reason": reason}
+    return {"file": rel, "kind": kind, "reason": reason}
+
+
+# =========================================================================================== extraction
+
+
+def _ocr_engine(languages: str) -> str | None:
+    """tesseract's version when it is installed (None if not); a language it has no data for is an error."""
+    exe = shutil.which("tesseract")
+    if exe is None:
+        return None
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.split("\n")[0].strip()
+    have = subprocess.run([exe, "--list-langs"], capture_output=True, text=True).stdout.split("\n")[1:]
+    missing = [lang for lang in languages.split("+") if lang not in {h.strip() for h in have}]
+    if missing:
+        raise StillhouseError(f"prep.ocr_languages: tesseract has no data for {', '.join(missing)} (it has "
+                              f"{', '.join(h.strip() for h in have if h.strip())}); install e.g. tesseract-ocr-{missing[0]}, "
+                              f"or set prep.ocr_languages")
+    return version or "tesseract"
+
+
+def _cache_key(run_: StageRun, path: Path, ocr_mode: str, ocr_languages: str) -> str:
+    """What a file's extraction depends on: its bytes, its type, the extractors' version and the OCR setup
+    (a scan quarantined for want of tesseract is read again once it is installed). Settings applied after
+    extraction (chunk_chars, tables, ...) are not in it: a crashed run resumed with other settings re-uses it."""
+    try:
+        key = str(path.relative_to(run_.workspace))  # as StageRun hashed it
+    except ValueError:
+        key = str(path)
+    sha = run_.inputs.get(key) or run_.cache.sha256(path)
+    what = [sha, path.suffix.lower(), EXTRACT_VERSION, ocr_mode, ocr_languages if ocr_mode == "on" else ""]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _mapper(workers: int, n_jobs: int):
+    """`map`, or an ordered `imap` over `workers` processes (forkserver: no fork of a process that may hold
+    threads, e.g. torch's, and the server imports this module once for all workers)."""
+    if workers <= 1 or n_jobs < 2:
+        yield map
+        return
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["stillhouse.stages.prep"])
+    with ctx.Pool(min(workers, n_jobs)) as pool:
+        yield lambda fn, jobs: pool.imap(fn, jobs, chunksize=1)
+
+
+def _extract_file(job: tuple[str, str, str, str]) -> dict:
+    """One file -> {"documents": [...]}, {"table": {"rows", "columns"}} or {"quarantine": reason, "kind"}
+    (JSON-able: it crosses processes and is cached). Runs in a worker; the result is written to the cache file
+    as soon as it exists, and read from there if it does already."""
+    path, cache_file, ocr_mode, ocr_languages = job
+    try:
+        return {**json.loads(Path(cache_file).read_text(encoding="utf-8")), "cached": True}
+    except (OSError, ValueError):
+        pass
+    try:
+        res = _extract(Path(path), ocr_mode, ocr_languages)
+    except _Quarantine as q:
+        res = {"quarantine": str(q), "kind": q.kind}
+    except Exception as e:  # a reader tripped on input nobody foresaw: that file goes to quarantine, not the run
+        return {"quarantine": f"could not be read ({type(e).__name__}: {str(e)[:200]})", "kind": "unreadable"}
+    atomic_write_text(Path(cache_file), json.dumps(res, ensure_ascii=False))
+    return res
+
+
+def _extract(path: Path, ocr_mode: str, ocr_languages: str) -> dict:
+    suffix = path.suffix.lower()
+    if suffix not in DOCUMENT_TYPES and suffix not in TABLE_TYPES:
+        raise _Quarantine("unsupported type", f"unsupported file type '{path.suffix or path.name}'; supported: {SUPPORTED}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _Quarantine("unreadable", f"cannot read ({e.strerror})") from None
+    if not data:
+        raise _Quarantine("empty", "empty file (0 bytes)")
+    if suffix in TABLE_TYPES:
+        rows, columns = _read_xlsx(data) if suffix == ".xlsx" else _read_table(data, jsonl=suffix == ".jsonl")
+        return {"table": {"rows": rows, "columns": columns}}
+    if suffix == ".eml":
+        return {"documents": _read_eml(data, path.name, ocr_mode, ocr_languages)}
+    return {"documents": [_read_document(path.name, data, ocr_mode, ocr_languages)]}
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return textproc.decode_text(data)[0]
+    except textproc.UndecodableText as e:
+        raise _Quarantine("binary" if str(e).startswith("binary") else "undecodable", str(e)) from None
 
 
 # ============================================================================================ documents
 
 
-def _document_items(path: Path, rel: str, stem: str, chunk_chars: int, min_chars: int, extract: dict, clean: dict) -> list[_Item]:
-    suffix = path.suffix.lower()
+def _read_document(name: str, data: bytes, ocr_mode: str, ocr_languages: str, where: str = "") -> dict:
+    """A document file's bytes -> {"name", "title", "blocks": [[text, location, heading]], "level" (its
+    sensitivity marks), page and furniture counts}. `where` prefixes locations ("attachment a.pdf, ")."""
+    suffix = Path(name).suffix.lower()
+    counts: dict[str, int] = {}
     if suffix == ".pdf":
-        title, blocks, raw = _read_pdf(path, extract, clean)
+        title, blocks, raw, counts = _read_pdf(data, ocr_mode, ocr_languages)
     elif suffix == ".docx":
-        title, blocks, raw = _read_docx(path)
+        title, blocks, raw = _read_docx(data)
     elif suffix in (".html", ".htm"):
-        title, blocks, raw = _read_html(path)
+        title, blocks, raw = _read_html(_decode(data))
     else:
-        title, blocks, raw = _read_markdown(path, markdown=suffix != ".txt")
+        title, blocks, raw = _read_markdown(_decode(data), markdown=suffix != ".txt")
+    if not blocks:
+        raise _Quarantine("empty", "no text in it")
+    return {"name": name, "title": title, "blocks": [[b.text, where + b.location, b.heading] for b in blocks],
+            "level": _marks_level(raw), **counts}
+
+
+def _document_items(rel: str, stem: str, first: int, doc: dict, boilerplate: set[str], pc, extract: dict,
+                    clean: dict) -> list[_Item]:
+    """One extracted document -> records, one per section; ids continue from `first` (an e-mail's attachments
+    follow its body under the file's stem)."""
     extract["documents"] += 1
-    title = _plain_title(title or _title_from_headings(blocks) or path.stem)
-    doc_level = _marks_level(raw)
+    for k in ("pages", "ocr_pages"):
+        extract[k] += doc.get(k, 0)
+    for k in ("header_footer_lines", "page_number_lines"):
+        clean[k] += doc.get(k, 0)
+    blocks = []
+    for text, location, heading in doc["blocks"]:
+        if textproc.is_noise(text):
+            clean["noise_paragraphs"] += 1
+        elif not heading and textproc.is_repeated(text, boilerplate):
+            clean["boilerplate_paragraphs"] += 1
+        else:
+            blocks.append(Block(text, location, heading))
+    title = _plain_title(doc["title"] or _title_from_headings(blocks) or Path(doc["name"]).stem)
     items = []
-    for sec in textproc.make_sections(blocks, chunk_chars):
+    for sec in textproc.make_sections(blocks, pc.chunk_chars):
         extract["sections"] += 1
-        if len(sec.text) < min_chars:
-            clean["sections_too_short"] += 1
+        why = "too short" if len(sec.text) < pc.min_chars else textproc.quality_issue(sec.text)
+        if why:
+            clean["sections_dropped"][why] = clean["sections_dropped"].get(why, 0) + 1
             continue
         heading = re.sub(r"^(?:\d+(?:\.\d+)*\.?|[IVX]+\.|[A-Z]\.)\s+", "", sec.heading or "").strip()
         if heading.casefold() == title.casefold():
@@ -353,13 +582,14 @@ def _document_items(path: Path, rel: str, stem: str, chunk_chars: int, min_chars
         else:  # no heading: quote its first words
             subject = '"' + textproc.first_words(sec.text).rstrip("?:.,; ") + '"'
         rec = {
-            "id": f"{stem}-{len(items):05d}",
+            "id": f"{stem}-{first + len(items):05d}",
             "task": "text",
             "messages": [{"role": "user", "content": f"What does the {title} say about {subject}?"},
                          {"role": "assistant", "content": sec.text}],
             "source": {"file": rel, "location": sec.location},
         }
-        items.append(_Item(rec, sec.text, labeled=True, doc_sensitivity=doc_level))
+        items.append(_Item(rec, sec.text, labeled=True, doc_sensitivity=doc["level"],
+                           origin=f"section of {len(sec.text)} chars (prep.min_chars {pc.min_chars})"))
     return items
 
 
@@ -375,45 +605,66 @@ def _title_from_headings(blocks: list[Block]) -> str | None:
     return next((b.text for b in blocks if b.heading), None)
 
 
-def _read_pdf(path: Path, extract: dict, clean: dict) -> tuple[str | None, list[Block], str]:
+def _read_pdf(data: bytes, ocr_mode: str, ocr_languages: str) -> tuple[str | None, list[Block], str, dict]:
     from pypdf import PdfReader
 
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # corrupt files get a .reason.txt, not a log storm
+    ocr_pages = 0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reader = PdfReader(path)
-            if reader.is_encrypted and not reader.decrypt(""):
-                raise _Quarantine("encrypted PDF; save an unencrypted copy and prep that")
+            reader = PdfReader(io.BytesIO(data))
+            if reader.is_encrypted:
+                try:
+                    opened = reader.decrypt("")  # encrypted with an empty user password: readable as is
+                except Exception:  # e.g. AES without the cryptography package
+                    opened = False
+                if not opened:
+                    raise _Quarantine("encrypted", "encrypted PDF; save an unencrypted copy and prep that")
             pages = [page.extract_text() or "" for page in reader.pages]
+            if pages and not any(p.strip() for p in pages):  # a scan: images of pages, no text layer
+                if ocr_mode != "on":
+                    raise _Quarantine("no text layer", "PDF has no text layer (a scan?); " + (
+                        "install tesseract-ocr to OCR it" if ocr_mode == "missing" else "prep.ocr is off"))
+                pages = [_ocr_page(page, ocr_languages) for page in reader.pages]
+                ocr_pages = len(pages)
             title = (reader.metadata or {}).get("/Title") if reader.metadata else None
     except _Quarantine:
         raise
     except Exception as e:  # pypdf raises many types on damaged files; every one means "cannot read"
-        raise _Quarantine(f"not a readable PDF ({type(e).__name__}: {str(e)[:200]})") from None
+        raise _Quarantine("corrupt", f"not a readable PDF ({type(e).__name__}: {str(e)[:200]})") from None
     if not pages:
-        raise _Quarantine("PDF has no pages")
-    if not any(p.strip() for p in pages):
-        raise _Quarantine("PDF has no text layer (a scan?); run OCR on it (e.g. ocrmypdf) and prep the result")
+        raise _Quarantine("empty", "PDF has no pages")
     raw = "\n".join(pages)
     pages = [textproc.normalize(p) for p in pages]
     pages, counts = textproc.strip_page_furniture(pages)
-    for k, v in counts.items():
-        clean[k] += v
-    extract["pages"] += len(pages)
     lines = [(ln, f"page {n}") for n, page in enumerate(pages, 1) for ln in page.split("\n")]
-    return (str(title) if title else None), textproc.lines_to_blocks(lines), raw
+    return (str(title) if title else None), textproc.lines_to_blocks(lines), raw, {**counts, "pages": len(pages), "ocr_pages": ocr_pages}
 
 
-def _read_docx(path: Path) -> tuple[str | None, list[Block], str]:
+def _ocr_page(page, languages: str) -> str:
+    """The text of a scanned page: every image on it through tesseract (one thread each: prep's workers
+    already use the cores)."""
+    texts = []
+    for img in page.images:
+        p = subprocess.run(["tesseract", "stdin", "stdout", "-l", languages], input=img.data, capture_output=True,
+                           timeout=600, env={**os.environ, "OMP_THREAD_LIMIT": "1"})
+        if p.returncode != 0:
+            err = p.stderr.decode(errors="replace").strip().split("\n")[-1]
+            raise _Quarantine("ocr failed", f"tesseract could not read image {img.name} ({err[:200]})")
+        texts.append(p.stdout.decode("utf-8", errors="replace"))
+    return "\n".join(texts)
+
+
+def _read_docx(data: bytes) -> tuple[str | None, list[Block], str]:
     import docx
     from docx.table import Table
 
     try:
-        doc = docx.Document(str(path))
+        doc = docx.Document(io.BytesIO(data))
         content = list(doc.iter_inner_content())
     except Exception as e:  # a damaged zip or XML part: python-docx has no single error type
-        raise _Quarantine(f"not a readable DOCX ({type(e).__name__}: {str(e)[:200]})") from None
+        raise _Quarantine("corrupt", f"not a readable DOCX ({type(e).__name__}: {str(e)[:200]})") from None
     blocks: list[Block] = []
     title = doc.core_properties.title or None
     raw_parts = [p.text for s in doc.sections for p in s.header.paragraphs]  # headers carry "CONFIDENTIAL" marks
@@ -452,14 +703,13 @@ _HTML_BOILERPLATE = ["script", "style", "noscript", "template", "nav", "header",
 _BOILERPLATE_CLASS = re.compile(r"(?i)(?:^|[\s_-])(?:nav|navbar|menu|sidebar|breadcrumbs?|footer|header|cookie|banner|toc|skip)(?:$|[\s_-])")
 
 
-def _read_html(path: Path) -> tuple[str | None, list[Block], str]:
+def _read_html(text: str) -> tuple[str | None, list[Block], str]:
     from bs4 import BeautifulSoup
 
-    data = path.read_bytes()
     try:
-        soup = BeautifulSoup(data, "lxml")  # lxml reads the <meta charset> itself
+        soup = BeautifulSoup(text, "lxml")
     except Exception as e:
-        raise _Quarantine(f"not readable HTML ({type(e).__name__}: {e})") from None
+        raise _Quarantine("corrupt", f"not readable HTML ({type(e).__name__}: {e})") from None
     raw = soup.get_text("\n")
     title_tag = soup.find("title")
     title = re.split(r"\s+[-|–—:]\s+", title_tag.get_text(" ", strip=True))[0] if title_tag else None
@@ -494,8 +744,7 @@ def _read_html(path: Path) -> tuple[str | None, list[Block], str]:
     return title, blocks, raw
 
 
-def _read_markdown(path: Path, markdown: bool) -> tuple[str | None, list[Block], str]:
-    raw, _encoding = textproc.decode_text(path.read_bytes())
+def _read_markdown(raw: str, markdown: bool) -> tuple[str | None, list[Block], str]:
     lines = raw.split("\n")
     title = None
     start = 0
@@ -543,15 +792,9 @@ def _find_mapping(path: Path, rel: str, tables: list[TableMapping]) -> tuple[int
     return None
 
 
-def _table_items(path: Path, rel: str, stem: str, tables: list[TableMapping], extract: dict) -> list[_Item]:
-    rows, columns = _read_table(path)
-    found = _find_mapping(path, rel, tables)
-    if found is None:
-        raise _Quarantine(
-            f"no prep.tables entry matches '{path.name}' (columns: {', '.join(columns) or 'none'}); add one, e.g. "
-            f"prep.tables: [{{pattern: '{path.name}', task: classification, input: {columns[0] if columns else 'text'}, output: label}}]"
-        )
+def _table_items(rel: str, stem: str, table: dict, found: tuple[int, TableMapping], extract: dict) -> list[_Item]:
     i, m = found
+    columns = table["columns"]
     # a missing input column is a mapping mistake; a missing output column just means "unlabeled" (the pool
     # the teacher labels, like intents-unlabeled.jsonl next to intents.jsonl)
     if columns and m.input not in columns:
@@ -560,7 +803,7 @@ def _table_items(path: Path, rel: str, stem: str, tables: list[TableMapping], ex
             f"{', '.join(columns)}"
         )
     items = []
-    for location, row in rows:
+    for location, row in table["rows"]:
         if isinstance(row, str):  # a line that did not parse
             _skip(extract, row, f"{rel} {location}")
             continue
@@ -574,7 +817,8 @@ def _table_items(path: Path, rel: str, stem: str, tables: list[TableMapping], ex
             messages.append({"role": "assistant", "content": answer})
         rec = {"id": f"{stem}-{len(items):05d}", "task": m.task, "messages": messages,
                "source": {"file": rel, "location": location}}
-        items.append(_Item(rec, text, labeled=bool(answer)))
+        origin = f"row mapped by prep.tables[{i}] ('{m.pattern}'), " + ("labeled" if answer else "unlabeled: the teacher answers it")
+        items.append(_Item(rec, text, labeled=bool(answer), origin=origin))
         extract["table_rows"] += 1
     return items
 
@@ -591,14 +835,10 @@ def _skip(extract: dict, reason: str, where: str) -> None:
         extract["rows_skipped_examples"].append(f"{where}: {reason}")
 
 
-def _read_table(path: Path) -> tuple[list[tuple[str, dict | str]], list[str]]:
+def _read_table(data: bytes, jsonl: bool) -> tuple[list[tuple[str, dict | str]], list[str]]:
     """Rows as (location, dict) -- or (location, reason) for a row that cannot be read -- and the columns."""
-    try:
-        text, _encoding = textproc.decode_text(path.read_bytes())
-    except OSError as e:
-        raise _Quarantine(f"cannot read ({e.strerror})") from None
-    text = text.lstrip("\ufeff")
-    if path.suffix.lower() == ".jsonl":
+    text = _decode(data).lstrip("\ufeff")
+    if jsonl:
         rows, columns = [], {}
         for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
@@ -614,7 +854,7 @@ def _read_table(path: Path) -> tuple[list[tuple[str, dict | str]], list[str]]:
             columns.update(dict.fromkeys(obj))
             rows.append((f"line {n}", obj))
         if rows and not columns:
-            raise _Quarantine("no line is a JSON object; is this really JSON Lines?")
+            raise _Quarantine("corrupt", "no line is a JSON object; is this really JSON Lines?")
         return rows, list(columns)
     try:
         sample = text[:4096]
@@ -627,8 +867,96 @@ def _read_table(path: Path) -> tuple[list[tuple[str, dict | str]], list[str]]:
         reader.fieldnames = columns
         rows = [(f"row {n}", {k: v for k, v in r.items() if k is not None}) for n, r in enumerate(reader, 1)]
     except csv.Error as e:
-        raise _Quarantine(f"not a readable CSV ({e})") from None
+        raise _Quarantine("corrupt", f"not a readable CSV ({e})") from None
     return rows, columns
+
+
+def _read_xlsx(data: bytes) -> tuple[list[tuple[str, dict]], list[str]]:
+    """Every sheet of a workbook: its first non-empty row names the columns, each later non-empty row is one
+    row ("sheet Tickets row 7"). Formulas give the value Excel last calculated."""
+    import openpyxl
+
+    rows, columns = [], {}
+    try:
+        book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
+        for sheet in book.worksheets:
+            header = None
+            for n, values in enumerate(sheet.iter_rows(values_only=True), 1):
+                cells = [_xlsx_cell(v) for v in values]
+                if header is None:
+                    if any(cells):
+                        header = [c or f"column {k}" for k, c in enumerate(cells, 1)]
+                        columns.update(dict.fromkeys(header))
+                elif any(cells):
+                    rows.append((f"sheet {sheet.title} row {n}", dict(zip(header, cells))))
+        book.close()
+    except Exception as e:  # a damaged zip or XML part: openpyxl has no single error type
+        raise _Quarantine("corrupt", f"not a readable XLSX ({type(e).__name__}: {str(e)[:200]})") from None
+    return rows, list(columns)
+
+
+def _xlsx_cell(value) -> str:
+    """A cell as the text a person sees: 180 (not 180.0), 2024-03-01 (not a datetime at midnight)."""
+    import datetime as dt
+
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, dt.datetime) and value.time() == dt.time(0):
+        return value.date().isoformat()
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    return str(value).strip()
+
+
+# ============================================================================================== e-mail
+
+
+def _read_eml(data: bytes, name: str, ocr_mode: str, ocr_languages: str) -> list[dict]:
+    """An .eml file -> its body as one document titled by the subject (text/plain preferred, else the HTML
+    part's main content), plus one document per attachment of a supported type; other attachments are
+    listed under "skipped". The sender and recipients are not training text and are left out."""
+    import email
+    import email.policy
+
+    _decode(data)  # binary junk named .eml has NUL bytes; a real message is 7-bit or 8-bit text
+    try:
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        subject = textproc.normalize(str(msg.get("subject") or ""))
+        body = msg.get_body(preferencelist=("plain", "html"))
+        text = body.get_content() if body is not None else ""
+        is_html = body is not None and body.get_content_type() == "text/html"
+        attachments = [(part.get_filename() or "(unnamed)", part.get_payload(decode=True) or b"")
+                       for part in msg.iter_attachments()]
+    except Exception as e:  # a broken MIME structure or an unknown charset
+        raise _Quarantine("corrupt", f"not a readable e-mail ({type(e).__name__}: {str(e)[:200]})") from None
+    if not any(k.lower() in ("from", "to", "subject", "date", "message-id") for k in msg.keys()):
+        raise _Quarantine("corrupt", "not an e-mail: no From, To, Subject or Date header")
+    if is_html:
+        _title, blocks, raw = _read_html(text)
+    else:
+        lines = [(textproc.normalize(ln), f"body line {n}") for n, ln in enumerate(text.split("\n"), 1)]
+        blocks, raw = textproc.lines_to_blocks(lines, detect_headings=False), text
+    docs = []
+    if blocks:
+        docs.append({"name": name, "title": subject or None, "blocks": [[b.text, b.location, b.heading] for b in blocks],
+                     "level": _marks_level(subject + "\n" + raw)})
+    skipped = []
+    for fname, payload in attachments:
+        suffix = Path(fname).suffix.lower()
+        if suffix not in DOCUMENT_TYPES or suffix == ".eml":
+            skipped.append(f"attachment {fname}: unsupported type")
+            continue
+        try:
+            docs.append({**_read_document(fname, payload, ocr_mode, ocr_languages, where=f"attachment {fname}, "),
+                         "attached": True})
+        except _Quarantine as q:
+            skipped.append(f"attachment {fname}: {q}")
+    if not docs:
+        raise _Quarantine("empty", "an e-mail without text" + (f" ({'; '.join(skipped)})" if skipped else ""))
+    docs[0]["skipped"] = skipped
+    return docs
 
 
 # ========================================================================================== dedup, pii
@@ -777,16 +1105,90 @@ def _split(items: list[_Item], groups: list[int], val_fraction: float, test_frac
     return out
 
 
-def _write_review(path: Path, items: list[_Item], splits: list[str], n: int, seed: int) -> None:
-    """A random sample for a person to read before training: where each record came from, how sensitive it
-    is, which PII kinds were replaced, and the text as it will be trained on."""
-    pick = sorted(random.Random(seed).sample(range(len(items)), min(n, len(items))))
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["id", "split", "task", "file", "location", "sensitivity", "pii_kinds", "text"])
-    for i in pick:
-        rec = items[i].record
+def _review_sample(items: list[_Item], n: int, seed: int) -> list[int]:
+    """n item indices, stratified by (task, file type): every stratum gets one pick before any gets a second
+    (as far as n goes; which ones, when n is smaller, is random), then picks go to the stratum with the smallest
+    share sampled so far -- proportional allocation, so 30 document sections next to 2,000 intents still show."""
+    rng = random.Random(seed)
+    strata: dict[tuple[str, str], list[int]] = {}
+    for i, it in enumerate(items):
+        strata.setdefault((it.record["task"], Path(it.record["source"]["file"]).suffix.lower()), []).append(i)
+    pools = {k: rng.sample(v, len(v)) for k, v in sorted(strata.items())}
+    order = dict(zip(pools, rng.sample(range(len(pools)), len(pools))))
+    taken = dict.fromkeys(pools, 0)
+    pick = []
+    for _ in range(min(n, len(items))):
+        k = min((k for k in pools if taken[k] < len(pools[k])), key=lambda k: (taken[k] > 0, taken[k] / len(pools[k]), order[k]))
+        pick.append(pools[k][taken[k]])
+        taken[k] += 1
+    return sorted(pick)
+
+
+def _write_review(out: Path, items: list[_Item], splits: list[str], pc, report: dict) -> None:
+    """data/review.csv and data/review.html: a stratified random sample for a person to read before training --
+    where each record came from, why it was kept, how sensitive it is, which PII kinds were replaced, and the
+    text as it will be trained on."""
+    dup_counts = {c["kept"]: len(c["exact"]) + len(c["near"]) for c in report["dedup"].get("clusters", [])}
+    rows = []
+    at_risk = [i for i, it in enumerate(items) if it.reident][: pc.review_sample_size]  # first, then the sample
+    for i in at_risk + [i for i in _review_sample(items, pc.review_sample_size, pc.seed) if not items[i].reident]:
+        it, rec = items[i], items[i].record
+        dups = dup_counts.get(rec["id"], 0)
+        kept = [it.origin, f"kept over {dups} duplicate(s)" if dups else "no earlier duplicate",
+                f"sensitivity {rec['sensitivity']} <= prep.max_sensitivity {pc.max_sensitivity}",
+                f"PII {pc.pii_action}: {', '.join(it.pii_kinds)}" if it.pii_kinds else "no PII found"]
+        kept += [it.reident] if it.reident else []
         text = "\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"] if m["role"] != "system")
-        w.writerow([rec["id"], splits[i], rec["task"], rec["source"]["file"], rec["source"]["location"],
-                    rec["sensitivity"], ";".join(items[i].pii_kinds), text[:REVIEW_TEXT_CHARS]])
-    atomic_write_text(path, buf.getvalue())
+        rows.append({"id": rec["id"], "split": splits[i], "task": rec["task"], "file": rec["source"]["file"],
+                     "location": rec["source"]["location"], "sensitivity": rec["sensitivity"],
+                     "pii_kinds": ";".join(it.pii_kinds), "kept_because": "; ".join(kept), "text": text[:REVIEW_TEXT_CHARS]})
+    columns = ["id", "split", "task", "file", "location", "sensitivity", "pii_kinds", "kept_because", "text"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "review.csv", buf.getvalue())
+    atomic_write_text(out / "review.html", _review_html(rows, len(items), pc.seed))
+
+
+_MASK = re.compile(r"\[[A-Z][A-Z_]*\]")  # [EMAIL], [PERSON], ... as pii.mask writes them
+
+
+def _review_html(rows: list[dict], total: int, seed: int) -> str:
+    """One self-contained page (no scripts, no external assets; every value escaped): a card per record."""
+    from html import escape
+
+    def text(s: str) -> str:
+        return _MASK.sub(lambda m: f"<mark>{m.group(0)}</mark>", escape(s))
+
+    strata: dict[tuple[str, str], int] = {}
+    for r in rows:
+        k = (r["task"], Path(r["file"]).suffix.lower() or "(none)")
+        strata[k] = strata.get(k, 0) + 1
+    cards = []
+    for r in rows:
+        turns = "".join(f'<p class="turn"><b>{escape(role)}:</b> {text(content)}</p>'
+                        for role, _, content in (t.partition(": ") for t in r["text"].split("\n") if t)
+                        ) if r["text"] else ""
+        cards.append(
+            f'<section class="rec" id="{escape(r["id"])}"><h2>{escape(r["id"])}</h2>'
+            f'<p class="meta">{escape(r["split"])} &middot; {escape(r["task"])} &middot; {escape(r["file"])}, '
+            f'{escape(r["location"])} &middot; sensitivity <b>{escape(r["sensitivity"])}</b>'
+            f'{" &middot; PII " + escape(r["pii_kinds"].replace(";", ", ")) if r["pii_kinds"] else ""}</p>'
+            f'<p class="why">Kept: {escape(r["kept_because"])}</p>{turns}</section>')
+    table = "".join(f"<tr><td>{escape(t)}</td><td>{escape(s)}</td><td>{n}</td></tr>" for (t, s), n in sorted(strata.items()))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>stillhouse prep: review sample</title>
+<style>
+body {{ font: 15px/1.5 system-ui, sans-serif; margin: 2em auto; max-width: 60em; padding: 0 1em; color: #222 }}
+.rec {{ border: 1px solid #ccc; border-radius: 6px; padding: .2em 1em; margin: 1em 0 }}
+.rec h2 {{ font-size: 1em; margin: .6em 0 0 }} .meta, .why {{ color: #555; font-size: .9em; margin: .2em 0 }}
+.turn {{ white-space: pre-wrap }} mark {{ background: #fde68a }} td, th {{ padding: 0 1em 0 0; text-align: left }}
+</style></head><body>
+<h1>Review sample</h1>
+<p>{len(rows)} of {total} records, a random sample stratified by task and file type (prep.seed {seed}). Replaced
+personal data shows as <mark>[KIND]</mark>. The same rows are in review.csv.</p>
+<table><tr><th>task</th><th>file type</th><th>records shown</th></tr>{table}</table>
+{"".join(cards)}
+</body></html>
+"""

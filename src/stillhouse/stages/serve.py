@@ -711,12 +711,40 @@ def run(cfg: Config, *, host: str | None = None, port: int | None = None, no_aut
     hashes = None if no_auth else load_api_key_hashes(cfg)
     if hashes == []:
         raise StillhouseError(f"{_keys_path(cfg)}: no API keys yet; create one with `{NEW_KEY_COMMAND}` (or use --no-auth on 127.0.0.1)")
-    app = create_app(model_dir, cfg, api_key_hashes=hashes, log_path=stage_dir(cfg.workspace, "serve") / "requests.jsonl")
-    console.print(f"serve: '{cfg.serve.model_name}' on http://{host}:{port}/v1 "
-                  f"({'no authentication' if no_auth else f'{len(hashes)} API key(s)'}); Ctrl-C stops")
-    if not _is_loopback(host):
-        console.print("serve: plain HTTP: put a TLS reverse proxy in front when clients are on other machines")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    sock = bind_socket(host, port)  # before loading the model: a taken port fails in a second, not after the load
+    try:
+        app = create_app(model_dir, cfg, api_key_hashes=hashes, log_path=stage_dir(cfg.workspace, "serve") / "requests.jsonl")
+        console.print(f"serve: '{cfg.serve.model_name}' on http://{host}:{port}/v1 "
+                      f"({'no authentication' if no_auth else f'{len(hashes)} API key(s)'}); Ctrl-C stops")
+        if not _is_loopback(host):
+            console.print("serve: plain HTTP: put a TLS reverse proxy in front when clients are on other machines")
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def bind_socket(host: str, port: int):
+    """A listening-ready TCP socket bound to host:port, or one clear StillhouseError when the port is taken, the
+    address is not this machine's, or the port needs privileges."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart right after a stop
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = {errno.EADDRINUSE: "is already in use (another `stillhouse serve`, or another program); stop it or "
+                                  "choose another port with --port N (or --set serve.port=N)",
+                errno.EACCES: "needs privileges (ports below 1024); choose a port above 1024 with --port N",
+                errno.EADDRNOTAVAIL: "is not an address of this machine; check --host / serve.host"}
+        raise StillhouseError(f"serve: {host}:{port} {hint.get(e.errno, f'cannot be bound ({e.strerror})')}") from None
+    except socket.gaierror as e:
+        sock.close()
+        raise StillhouseError(f"serve: host {host!r} is not a valid address ({e.strerror}); check --host / serve.host") from None
+    return sock
 
 
 def smoke(cfg: Config, traffic: int = 0) -> dict:

@@ -5,7 +5,9 @@
 first_names.txt / last_names.txt: every Latin-script given and family name of every Faker locale, plus the
 romanized Japanese and Chinese ones (one a line, sorted). common_words.txt: Faker's list of ~1,000 frequent
 English words, which pii.py never takes as a name on their own ("Will", "Rose", "Grant"). countries.txt: country
-names in English, for address tails ("..., Tallinn, Estonia"). stillhouse.pii reads these files at the first
+names in English, for address tails ("..., Tallinn, Estonia"). places.txt: real city, state and province names
+from the Faker locales that list real ones, plus the world's large cities: a lone place name ("Hotels in Berlin",
+a table cell "Berlin | 180") is not taken for a given name of the same spelling. stillhouse.pii reads these files at the first
 call, so importing it stays standard-library only.
 """
 
@@ -30,6 +32,28 @@ def _names(provider, kind: str) -> set[str]:
     return {n for n in out if LATIN.fullmatch(n) and n[0].isupper() and not n.isupper()}
 
 
+# Faker locales whose city/state lists are real places (others are invented or tens of thousands of hamlets)
+PLACE_LISTS = {"de_DE": ("cities", "states"), "de_AT": ("cities", "states"), "de_CH": ("cities",),
+               "en_US": ("states",), "en_AU": ("states",), "en_CA": ("provinces",), "en_IN": ("cities", "states"),
+               "pl_PL": ("cities",), "pt_PT": ("cities",), "ro_RO": ("cities",), "sv_SE": ("cities",),
+               "id_ID": ("cities", "states"), "cs_CZ": ("cities",), "da_DK": ("cities",), "fi_FI": ("cities",)}
+WORLD_CITIES = """Amsterdam Athens Atlanta Austin Baltimore Bangkok Barcelona Beijing Berlin Bogota Boston Brisbane
+Brussels Bucharest Budapest Cairo Calgary Chicago Cologne Copenhagen Dallas Denver Detroit Dubai Dublin Edinburgh
+Florence Frankfurt Geneva Glasgow Hamburg Hanoi Helsinki Houston Istanbul Jakarta Jerusalem Johannesburg Kyoto
+Lagos Leeds Lima Lisbon Liverpool London Madrid Manchester Manila Melbourne Miami Milan Montreal Moscow Mumbai
+Munich Nagoya Nairobi Naples Osaka Oslo Ottawa Paris Perth Philadelphia Phoenix Portland Prague Riga Rome
+Rotterdam Santiago Seattle Seoul Shanghai Singapore Stockholm Sydney Taipei Tallinn Tokyo Toronto Vancouver Venice
+Vienna Vilnius Warsaw Yokohama Zurich""".split()
+
+
+def _places() -> set[str]:
+    out = set(WORLD_CITIES)
+    for locale, attrs in PLACE_LISTS.items():
+        provider = importlib.import_module(f"faker.providers.address.{locale}").Provider
+        out |= {str(p) for attr in attrs for p in getattr(provider, attr)}
+    return {p for p in out if LATIN.fullmatch(p) and p[0].isupper()}  # one-word places: what the rule needs
+
+
 def main() -> None:
     import faker.providers.address.en_US as address
     import faker.providers.lorem.en_US as lorem
@@ -42,7 +66,7 @@ def main() -> None:
         last |= _names(provider, "last_")
     files = {"first_names.txt": first, "last_names.txt": last,
              "common_words.txt": {w for w in lorem.Provider.word_list if len(w) > 1},
-             "countries.txt": set(address.Provider.countries)}
+             "countries.txt": set(address.Provider.countries), "places.txt": _places()}
     for name, words in files.items():
         (HERE / name).write_text("\n".join(sorted(words)) + "\n", encoding="utf-8")
         print(f"{name}: {len(words)}")
