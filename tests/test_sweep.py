@@ -40,7 +40,7 @@ def swept(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_the_grid_runs_and_the_table_is_sorted_by_the_validation_metric(swept):
     ws, r = swept
     assert r.returncode == 0, r.stderr[-2000:]
-    report = json.loads((ws / "student" / "sweep" / "results.json").read_text())
+    report = json.loads((ws / "sweep" / "results.json").read_text())
     trials = report["trials"]
     assert sorted((t["temperature"], t["alpha"]) for t in trials) == [(1.0, 0.3), (1.0, 0.7), (2.0, 0.3), (2.0, 0.7)]
     keys = [(-t["val_score"], t["val_loss"]) for t in trials]
@@ -49,10 +49,10 @@ def test_the_grid_runs_and_the_table_is_sorted_by_the_validation_metric(swept):
     best = trials[0]
     said = r.stdout + r.stderr  # (the console prints to stderr)
     assert f"--set train.alpha={best['alpha']:g}" in said and f"--set label.temperature={best['temperature']:g}" in said
-    table = (ws / "student" / "sweep" / "results.md").read_text()
+    table = (ws / "sweep" / "results.md").read_text()
     assert all(f"| {t['trial']} |" in table for t in trials)
     for t in trials:  # each trial trained its steps and logged its curve; its weights are gone once scored
-        d = ws / "student" / "sweep" / t["trial"]
+        d = ws / "sweep" / t["trial"]
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
         assert max(row["step"] for row in rows) == 4 == t["steps"]
         assert not list(d.glob("step-*")) and not (d / "best").exists() and not (d / "final").exists()
@@ -69,7 +69,7 @@ def test_temperature_reaches_the_labels_and_the_loss(swept):
     ws, _ = swept
     row = next(r for r in read_jsonl(ws / "labels" / "sequences.jsonl") if len(r["input_ids"]) - r["prompt_len"] > 2)
     ids2, lp2 = ShardReader(ws / "labels" / row["shard"]).get(row["id"])
-    reader1 = ShardReader(ws / "student" / "sweep" / "labels-T1" / row["shard"])
+    reader1 = ShardReader(ws / "sweep" / "labels-T1" / row["shard"])
     assert reader1.meta["temperature"] == 1.0
     ids1, lp1 = reader1.get(row["id"])
     head = slice(0, 8)  # the most probable ids: the same at both temperatures (ties aside)
@@ -77,24 +77,24 @@ def test_temperature_reaches_the_labels_and_the_loss(swept):
     offset = lp1[:, head] - 2 * lp2[:, head]  # (n, 8): constant along each row
     assert float((offset - offset.mean(-1, keepdim=True)).abs().max()) < 0.1
     # and the loss saw it: the same alpha and learning rate at T = 1 and T = 2 trained differently
-    by_point = {(t["temperature"], t["alpha"]): t for t in json.loads((ws / "student" / "sweep" / "results.json").read_text())["trials"]}
-    curves = [[json.loads(x).get("kd") for x in (ws / "student" / "sweep" / by_point[(t, 0.7)]["trial"] / "metrics.jsonl")
+    by_point = {(t["temperature"], t["alpha"]): t for t in json.loads((ws / "sweep" / "results.json").read_text())["trials"]}
+    curves = [[json.loads(x).get("kd") for x in (ws / "sweep" / by_point[(t, 0.7)]["trial"] / "metrics.jsonl")
                .read_text().splitlines()] for t in (1.0, 2.0)]
     assert curves[0] != curves[1]
 
 
 def test_a_rerun_skips_finished_trials_also_when_the_grid_changed(swept):
     ws, _ = swept
-    before = (ws / "student" / "sweep" / "results.json").read_text()
+    before = (ws / "sweep" / "results.json").read_text()
     r = _cli(ws, "train", "--sweep", *GRID)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "trial 1/4" not in r.stdout + r.stderr and "trial-000" in r.stderr  # nothing trained; the table again
-    assert (ws / "student" / "sweep" / "results.json").read_text() == before
+    assert (ws / "sweep" / "results.json").read_text() == before
     # a smaller grid, in another order: its points are found by their settings, not their trial numbers
     r = _cli(ws, "train", "--sweep", *GRID, "--set", "train.sweep.temperature=[2]", "--set", "train.sweep.alpha=[0.7,0.3]")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "trial 1/2" not in r.stdout + r.stderr
-    trials = json.loads((ws / "student" / "sweep" / "results.json").read_text())["trials"]
+    trials = json.loads((ws / "sweep" / "results.json").read_text())["trials"]
     old = {t["trial"]: t for t in json.loads(before)["trials"]}
     assert len(trials) == 2 and all(t == old[t["trial"]] for t in trials)
 

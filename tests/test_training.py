@@ -167,6 +167,26 @@ def test_an_empty_training_split_is_a_clear_error(demo_ws, tmp_path):
     assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_changed_student_config_derives_the_student_again(demo_ws, tmp_path):
+    """student/init of a 2-layer student must not be trained when the config now asks for 3 layers; the old
+    architecture's resume state goes with it."""
+    from stillhouse.config import load_config
+    from stillhouse.stages.train import _student
+
+    ws = _fresh(demo_ws, tmp_path / "ws")
+    init = ws / "student" / "init"
+    model, _, lineage = _student(load_config(ws, ["student.derive_layers=2"]), init)
+    assert model.config.num_hidden_layers == 2 and lineage["student_config"]["derive_layers"] == 2
+    (ws / "student" / "resume").mkdir()
+    (ws / "student" / "resume" / "state.json").write_text("{}")
+    again, _, _ = _student(load_config(ws, ["student.derive_layers=2"]), init)  # unchanged: init/ is reused
+    assert again.config.num_hidden_layers == 2 and (ws / "student" / "resume").exists()
+    model, _, lineage = _student(load_config(ws, ["student.derive_layers=3"]), init)
+    assert model.config.num_hidden_layers == 3 and lineage["student_config"]["derive_layers"] == 3
+    assert json.loads((init / "config.json").read_text())["num_hidden_layers"] == 3
+    assert not (ws / "student" / "resume").exists()
+
+
 def test_low_memory_allocator_applies_unless_the_user_set_one():
     code = "from stillhouse.training import use_low_memory_allocator as u; print(u())"
     env = {k: v for k, v in ENV.items() if k != "MALLOC_MMAP_THRESHOLD_"}

@@ -118,7 +118,7 @@ def label(set_: Optional[List[str]] = SetOpt,
 @app.command()
 def train(set_: Optional[List[str]] = SetOpt,
           sweep: bool = typer.Option(False, "--sweep", help="short trials over train.sweep's grid of temperature x "
-                                     "alpha x learning_rate, ranked by the validation task metric (student/sweep/); "
+                                     "alpha x learning_rate, ranked by the validation task metric (sweep/); "
                                      "prints the --set flags of the best")):
     """Distill the teacher into the student (student/ with step-*/, best/, final/).
 

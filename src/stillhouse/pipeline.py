@@ -28,10 +28,6 @@ def run_all(cfg: Config, stages: list[str] | None = None) -> dict[str, float]:
     funcs = stage_functions()
     seconds: dict[str, float] = {}
     for name in stages or PIPELINE:
-        if name == "train":
-            from stillhouse.redistill import refuse_to_retrain_promoted
-
-            refuse_to_retrain_promoted(cfg)  # a student promoted by `monitor --redistill` is not run's to replace
         console.rule(f"[bold]{name}")
         t0 = time.time()
         funcs[name](cfg)

@@ -106,8 +106,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
             mask[row, width - len(p):] = 1
         # sampling rides on greedy decoding: the processor draws each row's token and leaves only it finite
         extra = LogitsProcessorList([_RowSampler([seeds[i] for i in idx], temperature, top_p)] if temperature > 0 else [])
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16_ok(model)):
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        device = next(model.parameters()).device  # the model's device (a GPU under accelerate), ids follow it
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16_ok(model)):
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=[eot, tokenizer.eos_token_id], pad_token_id=pad, logits_processor=extra)
         for row, i in enumerate(idx):
             new = gen[row, width:].tolist()

@@ -254,14 +254,3 @@ def rollback(cfg: Config) -> dict:
     exported = _reexport(cfg, had_export)
     console.print(f"rollback: {prev.name} is student/ again; the replaced student is in {kept.name}")
     return {"restored": prev.name, "kept": kept.name, "exported": exported}
-
-
-def refuse_to_retrain_promoted(cfg: Config) -> None:
-    """`stillhouse run` would retrain student/ from labels/ (which lack the re-distilled records) and replace a
-    promoted student: stop before train and say what to do instead."""
-    manifest = load_manifest(cfg.workspace, "train") or {}
-    if "promoted" in manifest:
-        raise StillhouseError(
-            f"student/ was promoted by `stillhouse monitor --redistill` and `run` would retrain it from labels/, "
-            f"without the re-distilled records; run the stages after train one by one (eval, redteam, export), or "
-            f"`stillhouse -w {cfg.workspace} monitor --rollback` first")

@@ -4,9 +4,9 @@ validation task metric (not the KD loss: it does not predict accuracy, PITFALLS.
 Every trial is the train stage's loop (`training.fit`) on the same data, labels and initial student as `stillhouse
 train`, with `train.sweep.steps` steps and the grid point's settings; everything else comes from `train`. It writes
 
-    student/sweep/trial-NNN/    trial.json (settings) first, metrics.jsonl + samples.jsonl, result.json last
-    student/sweep/labels-T<T>/  soft labels at a temperature other than labels/' (the teacher runs once per T)
-    student/sweep/results.json  every trial, best first; results.md: the same as a markdown table
+    sweep/trial-NNN/    trial.json (settings) first, metrics.jsonl + samples.jsonl, result.json last
+    sweep/labels-T<T>/  soft labels at a temperature other than labels/' (the teacher runs once per T)
+    sweep/results.json  every trial, best first; results.md: the same as a markdown table
 
 A trial with a result.json for the same settings and inputs is skipped, so an interrupted or widened sweep
 continues where it stopped (an unfinished trial resumes from its own resume/ checkpoint); trials are found by
@@ -64,7 +64,7 @@ def run(cfg: Config) -> dict:
     ws, tc, sw = cfg.workspace, cfg.train, cfg.train.sweep
     labels = require_manifest(ws, "label", "train --sweep")
     val_path = ws / "data" / "val.jsonl"
-    out = ws / "student" / "sweep"
+    out = ws / "sweep"
     init_dir = ws / "student" / "init"
     _, tok, _ = _student(cfg, init_dir)  # derives and saves student/init once, as `train` does
     lineage = _read_json(init_dir / "stillhouse.json")  # the same on every run (what _student returns is not)

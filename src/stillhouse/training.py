@@ -155,7 +155,7 @@ class FitParams:
     eval_every_steps: int = 25
     early_stopping_patience: int = 0
     keep_checkpoints: int = 2
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = 256
     seed: int = 0
     eval_samples: int = 3  # validation records whose greedy output goes to samples.jsonl at every evaluation
     lr_setting: str = "train.learning_rate"  # the config key that sets learning_rate, named in error messages

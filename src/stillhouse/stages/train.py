@@ -15,6 +15,7 @@ with the assistant as online teacher; hidden-state alignment, when on, applies t
 from __future__ import annotations
 
 import json
+import shutil
 
 from stillhouse.config import Config
 from stillhouse.errors import StillhouseError
@@ -26,11 +27,17 @@ from stillhouse.workspace import StageRun, atomic_write_json, load_manifest, rea
 
 
 def _student(cfg: Config, init_dir):
-    """(model, tokenizer, lineage) for the student before distillation; saved to `init_dir` once."""
+    """(model, tokenizer, lineage) for the student before distillation; saved to `init_dir` once, and made again
+    when `student.*` changed since (another derive_layers must not train the old architecture)."""
+    wanted = cfg.student.model_dump(mode="json")
     if (init_dir / "config.json").exists():
         src = resolve_model(str(init_dir))
         lineage = json.loads((init_dir / "stillhouse.json").read_text()) if (init_dir / "stillhouse.json").exists() else {}
-        return load_model(src), load_tokenizer(src), lineage
+        if lineage.get("student_config") == wanted:
+            return load_model(src), load_tokenizer(src), lineage
+        console.print("train: student.* changed since student/init was made: deriving the student again")
+        for stale in ("resume", ".resume.tmp"):  # optimizer and weights of the old architecture
+            shutil.rmtree(init_dir.parent / stale, ignore_errors=True)
     if cfg.student.model:
         src = resolve_model(cfg.student.model, cfg.workspace)
         model, tok = load_model(src, "fp32", cfg.student.trust_remote_code), load_tokenizer(src, cfg.student.trust_remote_code)
@@ -45,6 +52,7 @@ def _student(cfg: Config, init_dir):
         lineage = {"derived_from": str(tsrc.path), "kept_layers": kept,
                    "teacher_layers": teacher.config.num_hidden_layers}
         del teacher
+    lineage["student_config"] = wanted
     save_pretrained(model, tok, init_dir, {"made_by": "stillhouse train (student before distillation)", **lineage})
     return model, tok, lineage
 
@@ -195,13 +203,20 @@ def run(cfg: Config) -> dict:
     labels_dir = ws / "labels"
     # under `accelerate launch` every process runs this; the main one writes (the others wait for its files)
     processes = process_state()
+    promoted = "promoted" in (load_manifest(ws, "train") or {})
     with processes.main_process_first():
         run_ = StageRun(cfg, "train", inputs=[labels_dir, ws / "data" / "val.jsonl"],
-                        params={"train": tc.model_dump(), "student": cfg.student.model_dump(),
+                        params={"train": tc.model_dump(exclude={"sweep"}), "student": cfg.student.model_dump(),
                                 "max_seq_len": cfg.label.max_seq_len})
     if run_.previous:
         console.print("train: up to date, skipped")
         return run_.previous
+    if promoted:  # retraining from labels/ (without the re-distilled records) would replace the promoted student
+        (run_.dir / "manifest.previous.json").replace(run_.dir / "manifest.json")  # StageRun set it aside: undo
+        raise StillhouseError(
+            f"student/ was promoted by `stillhouse monitor --redistill`; training again from labels/ (without the "
+            f"re-distilled records) would replace it. Run the stages after train one by one (eval, redteam, export), "
+            f"or `stillhouse -w {ws} monitor --rollback` first")
     chain = bool(tc.assistant.derive_layers or tc.assistant.model)
     if tc.assistant.derive_layers and tc.assistant.model:
         raise StillhouseError("train.assistant: set derive_layers or model, not both")
