@@ -491,3 +491,67 @@ def test_temperature_changes_the_gradient_as_the_definition_says(signal):
     torch.testing.assert_close(g4, definition(4.0), rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(g1, definition(1.0), rtol=1e-3, atol=1e-6)
     assert (g4 - g1).norm() > 0.1 * g1.norm()  # T really reaches the gradient, not only the sampling
+
+
+# ------------------------------------------------------------------- forward KL's closed-form gradient
+
+
+def _edge_case_logits(temperature, k, vocab=40, seed=5):
+    """Student and teacher logits (10, V) whose rows hit every special case of the top-k forward KL."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(10, vocab, generator=g) * 3
+    teacher = torch.randn(10, vocab, generator=g) * 3
+    teacher[4, 8:] = -torch.inf  # only 8 possible tokens: the teacher's tail is exactly 0 (floored)
+    ids, _ = topk_logprobs(teacher, k, temperature)
+    on_ids = torch.zeros(10, vocab, dtype=torch.bool).scatter(-1, ids, True)
+    # row 5: the student's mass off the ids ~e^-57 (the exact fallback); row 6: ~e^-146, under the floor
+    student[5] = torch.where(on_ids[5], 0.0, -60.0 * temperature)
+    student[6] = torch.where(on_ids[6], 0.0, -150.0 * temperature)
+    student[7] = teacher[7]  # identical: the divergence is ~0 and may be clamped there
+    student[8, ids[8]] *= 0.1  # the student nearly flat on the ids
+    ids, lps = topk_logprobs(teacher, k, temperature)
+    ids[9, 1] = ids[9, 0]  # a duplicated id: gather's gradient adds up
+    return student, ids, lps
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("k", [8, 40])
+def test_forward_kl_closed_form_gradient_equals_autograd(temperature, alpha, k, monkeypatch):
+    """distill_loss writes forward KL's gradient in closed form; it equals autograd through `kd_divergence` (the
+    bucket definition with its floors and clamp) + cross-entropy, values and gradients, on every edge case."""
+    student, ids, lps = _edge_case_logits(temperature, k)
+    vocab = student.shape[1]
+    targets = torch.arange(10) * 3 % vocab
+    # head = identity, hidden = the logits: the edge cases above reach the loss exactly as written
+    h0, w0 = student.clone().requires_grad_(), torch.eye(vocab).requires_grad_()
+    want = _naive_loss(h0, w0, targets, ids, lps, temperature, alpha)
+    want_grads = torch.autograd.grad(want, [h0, w0])
+
+    from stillhouse import losses
+
+    def no_autograd(*a, **kw):
+        raise AssertionError("forward KL took the autograd path")
+
+    monkeypatch.setattr(losses, "_bucket_divergence", no_autograd)  # proves the closed form is what runs
+    for chunk in (3, 10):
+        h, w = student.clone().requires_grad_(), torch.eye(vocab).requires_grad_()
+        out = distill_loss(h, w, targets, ids, lps, temperature=temperature, alpha=alpha, chunk_tokens=chunk)
+        torch.testing.assert_close(out["loss"], want, rtol=1e-5, atol=1e-5)
+        for got, expected in zip(torch.autograd.grad(out["loss"], [h, w]), want_grads):
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert want.item() > 0.1  # not a comparison of zeros
+
+
+def test_forward_kl_aliases_take_the_same_path():
+    """jsd at beta 0 and skew_forward_kl at skew_alpha 0 are forward KL: the same loss and gradient."""
+    hidden, weight, targets, ids, lps = _head_problem()
+    results = []
+    for kw in ({}, {"divergence": "jsd", "beta": 0.0}, {"divergence": "skew_forward_kl", "skew_alpha": 0.0}):
+        h = hidden.clone().requires_grad_()
+        out = distill_loss(h, weight, targets, ids, lps, temperature=2.0, chunk_tokens=10, **kw)
+        results.append((out["loss"], torch.autograd.grad(out["loss"], h)[0]))
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(grad, results[0][1], rtol=0, atol=0)
