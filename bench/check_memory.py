@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 MB = 1e6
@@ -230,8 +232,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write("\n" + text + "\n")
+        append_to_docs(text)
 
 
 if __name__ == "__main__":

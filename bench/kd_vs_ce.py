@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"kd": "KD: alpha 0.5 (soft top-k labels + CE)", "ce": "CE only: alpha 0 (same sequences)"}
 
@@ -110,8 +112,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if done:  # the call that finished the last training appends; later calls only print
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write("\n" + text + "\n")
+        append_to_docs(text)
 
 
 def _table(results: dict, seeds: list[int], n_test: int, n_train: int, cfg, labels: dict) -> list[str]:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURE = 2.0
 KS = (8, 32, 50, 64)  # 50: the k of DistillKit's budget pick
@@ -189,8 +191,7 @@ def main() -> None:
     print(text)
     if args.no_append:
         return
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write("\n" + text + "\n")
+    append_to_docs(text)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -87,8 +89,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.append:
-        with open(ROOT / "docs" / "benchmarks.md", "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+        append_to_docs(text)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -313,8 +315,7 @@ def main() -> None:
     lines += summary + [""]
     print("\n".join(lines))
     if not args.no_append:
-        with open(ROOT / "docs" / "benchmarks.md", "a", encoding="utf-8") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
+        append_to_docs("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "STILLHOUSE_QUIET": "1"}
 
@@ -91,8 +93,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    with open(ROOT / "docs" / "benchmarks.md", "a", encoding="utf-8") as f:
-        f.write("\n" + text)
+    append_to_docs(text)
     shutil.rmtree(ws)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "STILLHOUSE_QUIET": "1"}
 
@@ -68,8 +70,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        with open(ROOT / "docs" / "benchmarks.md", "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+        append_to_docs(text)
 
 
 if __name__ == "__main__":

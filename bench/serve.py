@@ -27,6 +27,8 @@ from pathlib import Path
 
 import stillhouse  # noqa: F401  (offline environment first)
 
+from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -161,8 +163,7 @@ def main() -> None:
             lines.insert(-1, f"- first error of {name}: {r['first_error'][:300]}")
     text = "\n".join(lines)
     print(text)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write("\n" + text + "\n")
+    append_to_docs(text)
 
 
 if __name__ == "__main__":

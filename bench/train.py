@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN, BATCH, SEQ, TOPK, T = 49_152, 576, 4, 1_024, 32, 2.0
 
@@ -278,8 +280,7 @@ def main() -> None:
     lines = memory() if args.part == "memory" else speed(args.rounds, args.steps, args.workspace, args.low_memory)
     text = "\n".join(lines)
     print(text)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write("\n" + text + "\n")
+    append_to_docs(text)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 TOPK, T = 32, 2.0
 
@@ -125,8 +127,7 @@ def main() -> None:
     only = args.only.split(",") if args.only else None
     text = "\n".join(run(args.rounds, args.steps, args.workspace, args.before, only))
     print(text)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write("\n" + text + "\n")
+    append_to_docs(text)
 
 
 if __name__ == "__main__":
