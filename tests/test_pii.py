@@ -352,13 +352,14 @@ def test_import_light_and_fast():
     assert time.perf_counter() - t < 5.0  # ~0.3 s here; generous for slow CI
 
 
-def test_bench_presidio_rules_merge_adjacent_spans():
+def test_bench_presidio_rules_merge_adjacent_spans(monkeypatch):
     """bench/pii.py's SpanEvaluator-rules scorer (the one comparable to Presidio's published F2): a gold address
     split into pieces by punctuation is one span there, and several predictions may cover one gold span."""
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "bench" / "pii.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: bench/ is on sys.path (bench/_docs.py)
     spec = importlib.util.spec_from_file_location("bench_pii", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
