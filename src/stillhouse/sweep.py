@@ -29,7 +29,7 @@ from pathlib import Path
 from stillhouse.config import Config
 from stillhouse.errors import StillhouseError
 from stillhouse.ui import console
-from stillhouse.workspace import atomic_write_json, atomic_write_text, digest, read_jsonl, require_manifest
+from stillhouse.workspace import atomic_write_json, atomic_write_text, digest, read_json_or_none, read_jsonl, require_manifest
 
 
 def grid(cfg: Config, label_mode: str) -> list[dict]:
@@ -67,7 +67,7 @@ def run(cfg: Config) -> dict:
     out = ws / "sweep"
     init_dir = ws / "student" / "init"
     _, tok, _ = _student(cfg, init_dir)  # derives and saves student/init once, as `train` does
-    lineage = _read_json(init_dir / "stillhouse.json")  # the same on every run (what _student returns is not)
+    lineage = read_json_or_none(init_dir / "stillhouse.json")  # the same on every run (what _student returns is not)
     check_labels(cfg, labels, tok)
     val = labeled_examples(tok, read_jsonl(val_path), cfg.label.max_seq_len) if val_path.exists() else []
     if not val:
@@ -105,7 +105,7 @@ def run(cfg: Config) -> dict:
 
     # a trial folder is found by its settings' key, not by its number: a grid edited or reordered later reuses
     # every trial it still holds, and new points get new numbers
-    found = {(_read_json(d / "trial.json") or {}).get("key"): d for d in sorted(out.glob("trial-*"))}
+    found = {(read_json_or_none(d / "trial.json") or {}).get("key"): d for d in sorted(out.glob("trial-*"))}
     numbers = [int(d.name.split("-")[1]) for d in out.glob("trial-*") if d.name.split("-")[1].isdigit()]
     next_number = max(numbers, default=-1) + 1
     results = []
@@ -118,7 +118,7 @@ def run(cfg: Config) -> dict:
             shutil.rmtree(trial, ignore_errors=True)
             trial.mkdir(parents=True)
             atomic_write_json(trial / "trial.json", {"key": key, **point})
-        done = _read_json(trial / "result.json")
+        done = read_json_or_none(trial / "result.json")
         if done and done.get("key") == key:
             results.append(done)
             continue
@@ -193,7 +193,7 @@ def relabel(cfg: Config, tok, rows: list[dict], temperature: float, out: Path) -
     src = teacher_source(cfg)
     key = digest({"teacher": str(src.path), "rows": digest(rows), "topk": lc.topk, "temperature": temperature,
                   "precision": lc.precision})
-    marker = _read_json(out / "labels.done")
+    marker = read_json_or_none(out / "labels.done")
     if marker and marker.get("key") == key:
         return out
     model = load_model(src, "fp32", cfg.teacher.trust_remote_code)
@@ -213,10 +213,3 @@ def relabel(cfg: Config, tok, rows: list[dict], temperature: float, out: Path) -
         write_shard(out / name, entries, vocab_size=vocab, topk=lc.topk, temperature=temperature)
     atomic_write_json(out / "labels.done", {"key": key, "temperature": temperature})
     return out
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

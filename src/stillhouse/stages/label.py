@@ -44,7 +44,7 @@ from stillhouse.errors import StillhouseError
 from stillhouse.models import load_model, load_tokenizer, resolve_model, teacher_source, tokenizer_fingerprint
 from stillhouse.records import Encoded, encode, encode_prompt, generate, response_text, sample_seed, with_response
 from stillhouse.ui import console, progress_bar
-from stillhouse.workspace import StageRun, atomic_write_json, load_manifest, read_jsonl, write_jsonl
+from stillhouse.workspace import StageRun, atomic_write_json, load_manifest, read_json_or_none, read_jsonl, write_jsonl
 
 RECON_SAMPLE_RECORDS = 8  # records whose full distribution the merge compares with what the shards hold
 
@@ -199,15 +199,8 @@ def _name(s: int) -> str:
     return f"shard-{s:05d}"
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # missing or from an older run: redo
-
-
 def _shard_done(out: Path, s: int, job: str, mode: str) -> bool:
-    marker = _read_json(out / f"{_name(s)}.done")
+    marker = read_json_or_none(out / f"{_name(s)}.done")
     return bool(marker and marker.get("job") == job and (mode == "sequence" or (out / f"{_name(s)}.safetensors").exists()))
 
 
@@ -224,7 +217,7 @@ def _prepare(cfg: Config, out: Path, job: str, s: int, records: list[dict], mode
     redo the generation."""
     lc = cfg.label
     part_path = out / f".{_name(s)}.part.json"
-    part = _read_json(part_path)
+    part = read_json_or_none(part_path)
     if part and part.get("job") == job:
         return part
     counts = {"generated": 0, "unlabeled_skipped": 0, "empty_responses_skipped": 0, "truncated": 0}
@@ -324,14 +317,14 @@ def _merge(cfg: Config, run_: StageRun, n_shards: int, mode: str, why: str, tok,
     counts = {"generated": 0, "unlabeled_skipped": 0, "empty_responses_skipped": 0, "truncated": 0}
     tokens = n_bytes = 0
     for s in range(n_shards):
-        part = _read_json(out / f".{_name(s)}.part.json")
+        part = read_json_or_none(out / f".{_name(s)}.part.json")
         if not part or part.get("job") != run_.fingerprint:
             raise StillhouseError(f"{out / f'.{_name(s)}.part.json'} is missing or stale although {_name(s)}.done "
                                   f"exists; delete {out / f'{_name(s)}.done'} and re-run `stillhouse label`")
         rows += part["rows"]
         generated += part["generated"]
         counts = {k: counts[k] + part["counts"][k] for k in counts}
-        marker = _read_json(out / f"{_name(s)}.done")
+        marker = read_json_or_none(out / f"{_name(s)}.done")
         tokens, n_bytes = tokens + marker.get("tokens", 0), n_bytes + marker.get("bytes", 0)
     _remove_stale(out, n_shards, mode)
     write_jsonl(out / "generated.jsonl", generated)
