@@ -173,7 +173,7 @@ def speed(rounds: int, steps: int, workspace: Path | None, low_memory: bool) -> 
              *_header(f"speed --rounds {rounds} --steps {steps}" + (" --low-memory" if low_memory else "")),
              f"- teacher SmolLM2-135M-Instruct (GGUF, dequantized, fp32 weights), student: 6 of its 30 layers "
              f"(derived), batch 8 x {mean_len:.0f} tokens on average (quick-demo records, <= 64; {positions:.0f} "
-             f"supervised positions per batch), bf16 autocast, AdamW, grad clipping; per round and loss a fresh "
+             f"supervised positions per batch), bf16 autocast, AdamW (fused, as `fit` and transformers' Trainer use it), grad clipping; per round and loss a fresh "
              f"student, 2 warm-up steps, then {steps} timed steps; {rounds} rounds with the losses in rotated order; "
              f"tokens/s = median over rounds, ratio = median of the per-round ratios to CE; allocator: "
              + ("low (M_MMAP_THRESHOLD 64 KiB, STILLHOUSE_LOW_MEMORY=1)" if low_memory else "glibc default (the CLI's default)"),
@@ -193,10 +193,10 @@ def _own_steps(mode: str, student, teacher, tok, batches) -> tuple[int, float]:
     import torch.nn.functional as F
 
     from stillhouse.losses import distill_loss
-    from stillhouse.training import collate, response_hidden
+    from stillhouse.training import FitParams, collate, make_optimizer, response_hidden
 
     student.train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    opt = make_optimizer([q for q in student.parameters() if q.requires_grad], 1e-4)  # as `fit` builds it
     tokens, t0 = 0, 0.0
     for i, exs in enumerate(batches):
         if i == 2:  # after warm-up
@@ -217,7 +217,7 @@ def _own_steps(mode: str, student, teacher, tok, batches) -> tuple[int, float]:
             kd_on = mode != "ce"
             loss = distill_loss(hidden, head, b.targets, b.teacher_ids if kd_on else None,
                                 b.teacher_logprobs if kd_on else None, temperature=T, alpha=0.5 if kd_on else 0.0,
-                                chunk_tokens=1024)["loss"]
+                                chunk_tokens=FitParams.loss_chunk_tokens)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
@@ -276,11 +276,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="speed: rounds over all the losses")
     ap.add_argument("--low-memory", action="store_true", help="speed: with the low-memory allocator (STILLHOUSE_LOW_MEMORY=1)")
     ap.add_argument("--workspace", type=Path, help="a quick-demo workspace whose data/ to use (default: make one)")
+    ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
     args = ap.parse_args()
     lines = memory() if args.part == "memory" else speed(args.rounds, args.steps, args.workspace, args.low_memory)
     text = "\n".join(lines)
     print(text)
-    append_to_docs(text)
+    if not args.no_append:
+        append_to_docs(text)
 
 
 if __name__ == "__main__":

@@ -298,6 +298,21 @@ def _alignment_projections(model, teacher, p: FitParams):
     return torch.nn.ModuleDict({str(s): torch.nn.Linear(h_s, h_t, bias=False) for s in sorted(p.align_layers)})
 
 
+def make_optimizer(trainable: list, learning_rate: float, weight_decay: float = 0.0):
+    """AdamW with weight decay on matrices only (norm weights and biases are not decayed).
+
+    The fused kernel when every parameter is on a CPU or CUDA device: torch's default on CPU is the per-tensor
+    for-loop, which takes ~0.5 s a step for a 50M-parameter student on 2 cores where the fused one takes ~40 ms
+    (the same update rule; transformers' Trainer uses the fused one by default too).
+    """
+    import torch
+
+    fused = bool(trainable) and all(q.device.type in ("cpu", "cuda") and q.is_floating_point() for q in trainable)
+    return torch.optim.AdamW([{"params": [q for q in trainable if q.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [q for q in trainable if q.dim() < 2], "weight_decay": 0.0}],
+                             lr=learning_rate, betas=(0.9, 0.95), fused=fused or None)
+
+
 def _is_out_of_memory(e: BaseException) -> bool:
     import torch
 
@@ -370,9 +385,7 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
     projections = _alignment_projections(model, teacher, p) if teacher is not None else None
     loss_module = _student_loss_module(model, projections, p).to(device)  # before the optimizer sees the parameters
     trainable = [q for q in loss_module.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW([{"params": [q for q in trainable if q.dim() >= 2], "weight_decay": p.weight_decay},
-                             {"params": [q for q in trainable if q.dim() < 2], "weight_decay": 0.0}],
-                            lr=p.learning_rate, betas=(0.9, 0.95))
+    opt = make_optimizer(trainable, p.learning_rate, p.weight_decay)
     metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
     state = {"step": 0, "best_score": -1.0, "best_step": None, "bad_evals": 0, "order": [], "cursor": 0,
              "params": asdict(p)}
