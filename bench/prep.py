@@ -7,7 +7,8 @@ The corpus is the demo's sample data (`demo_data.write_demo_sources(quick=True)`
 a different seed: per site two PDFs, a DOCX, an HTML page, a Markdown FAQ, a tickets CSV, two intent JSONL files
 and a corrupt PDF (quarantined), so 9 files per site. Each run is the real CLI (`.venv/bin/stillhouse prep`) in
 its own process, from scratch (data/ deleted); the resumed one follows a run killed (SIGKILL) once every file
-was extracted. Prints a table and appends it to docs/benchmarks.md with the machine, the date and the command.
+was extracted. Peak RSS is the stage process's (ru_maxrss from wait4; it covers the largest of itself and the
+workers it waited for). Prints a table and appends it to docs/benchmarks.md with the machine, the date and the command.
 """
 
 from __future__ import annotations
@@ -46,8 +47,14 @@ def _prep(ws: Path, workers: int, resume: bool = False) -> tuple[float, dict]:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     t0 = time.time()
-    subprocess.run(cmd, check=True, env=ENV, capture_output=True)
-    return time.time() - t0, json.loads((ws / "data" / "report.json").read_text())
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak RSS (KiB on Linux)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"prep failed (exit {os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
+    wall = time.time() - t0
+    rep = json.loads((ws / "data" / "report.json").read_text())
+    rep["peak_rss_mb"] = usage.ru_maxrss / 1024  # the largest of the stage process and the workers it waited for
+    return wall, rep
 
 
 def main() -> None:
@@ -83,10 +90,10 @@ def main() -> None:
         f"{rep['extract']['table_rows']} table rows, {rep['extract']['quarantined']} quarantined -> "
         f"{sum(rep['split'][s] for s in ('train', 'val', 'test'))} records",
         "",
-        "| run | wall s | files/s | MB/s | extract s | extract files/s | cached files |",
-        "|---|---|---|---|---|---|---|",
+        "| run | wall s | files/s | MB/s | extract s | extract files/s | cached files | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
         *(f"| {label} | {wall:.1f} | {len(files) / wall:.1f} | {mb / wall:.2f} | {ext:.1f} | {len(files) / max(ext, 1e-9):.1f} "
-          f"| {cached} |" for label, wall, ext, cached, _ in rows),
+          f"| {cached} | {r['peak_rss_mb']:.0f} |" for label, wall, ext, cached, r in rows),
         "",
         f"- where the rest of the time goes (1 worker, seconds): {json.dumps(rep['seconds'])}",
         "",

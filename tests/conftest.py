@@ -73,3 +73,36 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     save_pretrained(tiny_random_model(tokenizer, num_layers=4, hidden_size=64, seed=0), tokenizer, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def quick_demo_ws(tmp_path_factory) -> Path:
+    """One `demo --quick` workspace (~20-40 s) for every test file that needs data/, labels/ and a teacher:
+    read it, or copy it first (`fresh_copy`) -- never change it in place."""
+    import os
+    import subprocess
+    import sys
+
+    ws = tmp_path_factory.mktemp("quick-demo") / "demo"
+    r = subprocess.run([sys.executable, "-m", "stillhouse", "-w", str(ws), "demo", "--quick"],
+                       env={**os.environ, "STILLHOUSE_QUIET": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return ws
+
+
+def fresh_copy(demo_ws: Path, dest: Path) -> Path:
+    """A copy of a demo workspace without student/, ready for `train`."""
+    import shutil
+
+    shutil.copytree(demo_ws, dest, ignore=shutil.ignore_patterns("student"))
+    return dest
+
+
+def safetensors_weights(folder: Path) -> dict:
+    """Every tensor of a model folder's *.safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

@@ -71,3 +71,11 @@ def test_template_is_valid_and_commented(tmp_path):
     cfg = load_config(tmp_path)
     assert cfg.model_dump() == Config().model_dump()
     assert set(yaml.safe_load(text)) == {k for k, f in Config.model_fields.items() if not f.exclude}
+
+
+def test_a_kind_set_on_the_command_line_keeps_the_files_one_word_action_as_default(tmp_path):
+    from stillhouse.config import load_config
+
+    (tmp_path / "stillhouse.yaml").write_text("prep:\n  pii_action: pseudonymize\n")
+    cfg = load_config(tmp_path, ["prep.pii_action.CARD=drop"])
+    assert cfg.prep.pii_action == {"default": "pseudonymize", "CARD": "drop"}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import fresh_copy, safetensors_weights
 
 from stillhouse.config import load_config
 from stillhouse.errors import StillhouseError
@@ -29,18 +29,9 @@ def _cli(ws: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo_ws(tmp_path_factory) -> Path:
-    """A quick-demo workspace (~20 s): data/, labels/ from a tiny adapted teacher, and a trained student/."""
-    ws = tmp_path_factory.mktemp("training") / "demo"
-    r = _cli(ws, "demo", "--quick")
-    assert r.returncode == 0, r.stderr[-2000:]
-    return ws
-
-
-def _fresh(demo_ws: Path, dest: Path) -> Path:
-    """A copy of the demo workspace without student/, ready for `train`."""
-    shutil.copytree(demo_ws, dest, ignore=shutil.ignore_patterns("student"))
-    return dest
+def demo_ws(quick_demo_ws) -> Path:
+    """The shared quick-demo workspace: data/, labels/ from a tiny adapted teacher, and a trained student/."""
+    return quick_demo_ws
 
 
 def _rows(path: Path, drop=("tokens_per_s",)) -> list[dict]:
@@ -48,17 +39,8 @@ def _rows(path: Path, drop=("tokens_per_s",)) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
 
 
-def _weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def test_resume_after_kill_equals_an_uninterrupted_run(demo_ws, tmp_path):
-    whole, killed = _fresh(demo_ws, tmp_path / "whole"), _fresh(demo_ws, tmp_path / "killed")
+    whole, killed = fresh_copy(demo_ws, tmp_path / "whole"), fresh_copy(demo_ws, tmp_path / "killed")
     r = _cli(whole, *TRAIN)
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -86,7 +68,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(demo_ws, tmp_path):
     assert rows_at_kill >= resumed_at  # the killed run had logged past its checkpoint: truncation was needed
     assert _rows(killed / "student" / "samples.jsonl") == _rows(whole / "student" / "samples.jsonl")
     for folder in ("final", "best"):
-        a, b = _weights(killed / "student" / folder), _weights(whole / "student" / folder)
+        a, b = safetensors_weights(killed / "student" / folder), safetensors_weights(whole / "student" / folder)
         assert a.keys() == b.keys() and a
         assert all((a[k] == b[k]).all() for k in a), f"{folder}/ weights differ after resume"
     m1 = json.loads((killed / "student" / "manifest.json").read_text())["metrics"]
@@ -104,7 +86,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(demo_ws, tmp_path):
 
 
 def test_a_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(demo_ws, tmp_path):
-    ws = _fresh(demo_ws, tmp_path / "ws")
+    ws = fresh_copy(demo_ws, tmp_path / "ws")
     # a sane run, killed after its first checkpoint; then the same run with a learning rate that overflows the
     # weights at once (where a moderate one like 1e6 diverges depends on the optimizer kernel's rounding: the fused
     # AdamW may instead collapse the logits to uniform, which is finite)
@@ -145,7 +127,7 @@ def test_a_diverging_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(d
 def test_labels_made_for_another_setup_are_refused(demo_ws, tmp_path, override, named):
     from stillhouse.stages import train
 
-    ws = _fresh(demo_ws, tmp_path / "ws")
+    ws = fresh_copy(demo_ws, tmp_path / "ws")
     with pytest.raises(StillhouseError) as err:
         train.run(load_config(ws, [override]))
     msg = str(err.value)
@@ -174,7 +156,7 @@ def test_labels_of_another_tokenizer_or_template_are_refused(demo_ws, tokenizer)
 
 
 def test_an_empty_training_split_is_a_clear_error(demo_ws, tmp_path):
-    ws = _fresh(demo_ws, tmp_path / "ws")
+    ws = fresh_copy(demo_ws, tmp_path / "ws")
     (ws / "labels" / "sequences.jsonl").write_text("")
     r = _cli(ws, "train")
     assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
@@ -186,7 +168,7 @@ def test_a_changed_student_config_derives_the_student_again(demo_ws, tmp_path):
     from stillhouse.config import load_config
     from stillhouse.stages.train import _student
 
-    ws = _fresh(demo_ws, tmp_path / "ws")
+    ws = fresh_copy(demo_ws, tmp_path / "ws")
     init = ws / "student" / "init"
     model, _, lineage = _student(load_config(ws, ["student.derive_layers=2"]), init)
     assert model.config.num_hidden_layers == 2 and lineage["student_config"]["derive_layers"] == 2
@@ -280,7 +262,7 @@ def test_online_teacher_with_hidden_alignment_through_the_stage(demo_ws, tmp_pat
     from stillhouse.stages import train
     from stillhouse.workspace import load_manifest
 
-    ws = _fresh(demo_ws, tmp_path / "ws")
+    ws = fresh_copy(demo_ws, tmp_path / "ws")
     sets = ["train.teacher_signal=online", "train.hidden_alignment.enabled=true", "train.steps=4",
             "train.eval_every_steps=2", "train.lr_schedule=linear", "train.weight_decay=0.01"]
     train.run(load_config(ws, sets))
@@ -301,7 +283,7 @@ def test_online_teacher_with_hidden_alignment_through_the_stage(demo_ws, tmp_pat
         assert list((ws / "student" / "tensorboard").glob("events.out.tfevents.*"))
 
     # alignment without the teacher's hidden states, and a layer map outside the models: clear errors
-    ws2 = _fresh(demo_ws, tmp_path / "ws2")
+    ws2 = fresh_copy(demo_ws, tmp_path / "ws2")
     with pytest.raises(StillhouseError, match="teacher_signal=online"):
         train.run(load_config(ws2, ["train.hidden_alignment.enabled=true"]))
     with pytest.raises(StillhouseError, match=r"layer_map: 0: 7 is out of range.*teacher layers 0..3"):
@@ -312,7 +294,7 @@ def test_teacher_assistant_chain(demo_ws, tmp_path):
     from stillhouse.stages import train
     from stillhouse.workspace import load_manifest
 
-    ws = _fresh(demo_ws, tmp_path / "ws")
+    ws = fresh_copy(demo_ws, tmp_path / "ws")
     sets = ["train.assistant.derive_layers=3", "train.assistant.steps=3", "train.steps=3", "train.eval_every_steps=3"]
     train.run(load_config(ws, sets))
     m = load_manifest(ws, "train")
@@ -333,7 +315,7 @@ def test_teacher_assistant_chain(demo_ws, tmp_path):
 def test_running_out_of_memory_is_one_line_with_the_plans_suggestions(demo_ws, tmp_path):
     """A real allocation failure: the address space is capped a little above what the process holds, and one
     micro-batch of 512 sequences with loss chunks of 8192 tokens needs far more (a (8192, 49152) fp32 block is 1.6 GB)."""
-    ws = _fresh(demo_ws, tmp_path / "ws")
+    ws = fresh_copy(demo_ws, tmp_path / "ws")
     code = (
         "import resource, sys, torch, transformers, accelerate, stillhouse.cli, stillhouse.stages.train\n"
         "from transformers import LlamaForCausalLM\n"
@@ -351,35 +333,3 @@ def test_running_out_of_memory_is_one_line_with_the_plans_suggestions(demo_ws, t
     assert "--set train.lora.enabled=true" in msg and "--set train.loss_chunk_tokens=2048" in msg
     assert "`stillhouse check` planned" in msg  # the demo ran check: its plan is quoted
     assert not (ws / "student" / "final").exists()
-
-
-def test_two_processes_under_accelerate_launch_equal_one_with_twice_the_accumulation(demo_ws, tmp_path):
-    """DDP as users run it (`accelerate launch ... -m stillhouse train`), here 2 CPU processes over gloo: each takes
-    every other micro-batch of the same order, so the run equals 1 process with grad_accum_steps=2."""
-    import socket
-
-    one, two = _fresh(demo_ws, tmp_path / "one"), _fresh(demo_ws, tmp_path / "two")
-    common = ["train", "--set", "train.steps=3", "--set", "train.eval_every_steps=3", "--set", "train.batch_size=2"]
-    r = _cli(one, *common, "--set", "train.grad_accum_steps=2")
-    assert r.returncode == 0, r.stderr[-2000:]
-    with socket.socket() as s:  # a free port for the process group's rendezvous on loopback
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              str(port), "-m", "stillhouse", "-w", str(two), *common]
-    r = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-    got, want = _rows(two / "student" / "metrics.jsonl"), _rows(one / "student" / "metrics.jsonl")
-    assert [g["step"] for g in got] == [w["step"] for w in want] == [1, 2, 3, 3]  # written once, by rank 0
-    for g, w in zip(got, want):
-        for k in ("loss", "ce", "kd", "val_loss", "val_score"):
-            if k in w:
-                assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (k, g, w)
-    a, b = _weights(two / "student" / "final"), _weights(one / "student" / "final")
-    init = _weights(one / "student" / "init")
-    assert a.keys() == b.keys() and a
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
-    assert max(float((b[k] - init[k]).abs().max()) for k in b) > 1e-4  # it trained: the match is not trivial
-    assert json.loads((two / "student" / "manifest.json").read_text())["metrics"]["steps"] == 3

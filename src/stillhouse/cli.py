@@ -118,12 +118,14 @@ def label(set_: Optional[List[str]] = SetOpt,
 @app.command()
 def train(set_: Optional[List[str]] = SetOpt,
           sweep: bool = typer.Option(False, "--sweep", help="short trials over train.sweep's grid of temperature x "
-                                     "alpha x learning_rate, ranked by the validation task metric (sweep/); "
+                                     "alpha x learning_rate (or an optuna search: train.sweep.method=optuna), "
+                                     "ranked by the validation task metric (sweep/); "
                                      "prints the --set flags of the best")):
     """Distill the teacher into the student (student/ with step-*/, best/, final/).
 
     Example: stillhouse -w my-project train --set train.steps=200 --set train.alpha=0.5
     Example: stillhouse -w my-project train --sweep --set train.sweep.alpha=[0,0.5] --set train.sweep.steps=30
+    Example: stillhouse -w my-project train --sweep --set train.sweep.method=optuna --set train.sweep.optuna.n_trials=20
     """
     if sweep:
         cfg = _cfg(set_)

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from stillhouse.errors import StillhouseError
+from stillhouse.pii import KINDS  # standard library only at import time
 
 CONFIG_NAME = "stillhouse.yaml"
 
@@ -99,6 +100,22 @@ class GeneralConfig(Section):
     seed: int = Field(0, description="seeds which general records go to train and which to test")
 
 
+class DocumentQAConfig(Section):
+    """Question-answer pairs the teacher writes from each document section (stillhouse.docqa): it reads the masked
+    section, writes questions the section answers, then answers them from the section; pairs whose question or
+    answer is not grounded in the section are dropped and counted. Needs `teacher.model` (loaded during prep)."""
+
+    enabled: bool = Field(False, description="ask the teacher for QA pairs from each document section")
+    questions_per_section: int = Field(2, ge=1, le=20, description="questions asked per section (sampled when > 1)")
+    temperature: float = Field(0.7, ge=0, le=2, description="sampling temperature of the questions when more than one is asked")
+    max_new_tokens: int = Field(64, ge=8, le=1024, description="longest question or answer, in tokens")
+    min_overlap: float = Field(
+        0.5, ge=0, le=1, description="share of a question's / answer's content words that must occur in the section")
+    keep_sections: bool = Field(True, description="also keep the section records themselves (task text)")
+    batch_size: int = Field(16, ge=1, description="sections per teacher batch (and per resume checkpoint)")
+    seed: int = Field(0, description="seeds the sampled questions (per section and sample, so a resumed run asks the same)")
+
+
 class ReidentConfig(Section):
     """Re-identification risk (stillhouse.reident): records whose combination of quasi-identifiers (a date + an
     age + a job title ...) fewer than k records share. Listed in data/reident.csv (kinds, never values)."""
@@ -125,6 +142,66 @@ class SourceDeclaration(Section):
     reference: str | None = Field(None, description="where the basis is documented: a consent form, a DPIA, a contract number")
 
 
+SENSITIVITY_LEVELS = ("public", "internal", "confidential", "secret")  # lowest first: a record's `sensitivity`
+PII_ACTIONS = ("mask", "pseudonymize", "keep", "drop")
+
+
+def _level_alias(value: Any) -> Any:
+    return "secret" if value == "restricted" else value  # the top level's name before issue #7: old configs load
+
+
+Level = Annotated[Literal["public", "internal", "confidential", "secret"], BeforeValidator(_level_alias)]
+
+
+class FolderLevel(Section):
+    """Every record from the files a pattern covers is at least this level."""
+
+    pattern: str = Field(description="a glob on the file name, or on the path from the workspace if it has a '/' "
+                                      "(sources/hr/*), or a folder (sources/hr)")
+    level: Level
+
+
+class SensitivityConfig(Section):
+    """Confidentiality labels: a record's level is the highest of its document's and its own markers, its
+    folder's rule and its PII density (else `default`); records above prep.max_sensitivity are left out and
+    listed in data/report.json."""
+
+    builtin_markers: bool = Field(
+        True, description="the built-in stamps: CONFIDENTIAL, 'Classification: Secret', TOP SECRET, 社外秘, 極秘, ลับ, ...")
+    markers: dict[Level, list[str]] = Field(
+        default_factory=dict, description="more markers per level, matched as written (case-sensitive; one that starts "
+                                          "or ends with a Latin letter or digit not inside a longer word), e.g. "
+                                          "{secret: ['Project Falcon'], confidential: [部外秘]}")
+    folders: list[FolderLevel] = Field(default_factory=list, description="e.g. [{pattern: sources/hr, level: confidential}]")
+    pii_density: dict[Level, float] = Field(
+        default_factory=lambda: {"confidential": 0.0},
+        description="a record holding PII is at least the highest level whose value here (PII values per 1,000 "
+                    "characters) it reaches; {confidential: 0}: any PII -> confidential")
+    default: Level = Field("internal", description="the level of a record nothing above says more about")
+
+    @field_validator("pii_density")
+    @classmethod
+    def _non_negative(cls, v: dict) -> dict:
+        bad = [f"{k}: {x}" for k, x in v.items() if x < 0]
+        if bad:
+            raise ValueError(f"PII values per 1,000 characters must be >= 0 ({', '.join(bad)})")
+        return v
+
+
+class PiiModelConfig(Section):
+    """A local NER model whose spans are added to the rule-based PII finder's (stillhouse.pii_model). Never downloaded."""
+
+    kind: Literal["transformers", "spacy"] = Field(
+        description="transformers: a token-classification model folder (safetensors); spacy: a spaCy pipeline "
+                    "folder or installed package (needs `pip install spacy`)")
+    path: str = Field(description="the model folder (relative to the workspace), or an installed spaCy package name")
+    labels: dict[str, Literal[tuple(KINDS)]] = Field(
+        default_factory=lambda: {"PER": "PERSON", "PERSON": "PERSON"},
+        description="model entity label (B-/I- prefixes dropped) -> PII kind; other labels are ignored")
+    min_score: float = Field(0.5, ge=0, le=1, description="transformers: lowest token probability that counts")
+    batch_size: int = Field(16, ge=1, description="texts per forward pass")
+
+
 class PrepConfig(Section):
     """Turn documents and tickets into instruction-response records."""
 
@@ -139,12 +216,16 @@ class PrepConfig(Section):
     ocr_languages: str = Field("eng", description="tesseract languages, e.g. eng+jpn+tha (their language data must be installed)")
     chunk_chars: int = Field(600, ge=100, description="documents are cut into sections of about this many characters")
     near_dup_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity above which texts are near-duplicates")
-    pii_action: Literal["mask", "pseudonymize", "keep"] = Field(
-        "mask", description="mask -> [EMAIL]...; pseudonymize -> consistent fake values; keep -> as is (originals always go to data/pii_private.json)"
-    )
-    max_sensitivity: Literal["public", "internal", "confidential", "restricted"] = Field(
-        "confidential", description="records labelled above this are dropped"
-    )
+    pii_action: str | dict[str, str] = Field(
+        "mask", description="mask -> [EMAIL]...; pseudonymize -> consistent fake values (keyed by the workspace "
+                            "secret); keep -> as is; drop -> leave out every record holding one. One action, or per "
+                            "kind: {default: mask, EMAIL: pseudonymize, CARD: drop} (originals of kept records always "
+                            "go to data/pii_private.json)")
+    pii_model: PiiModelConfig | None = Field(None, description="optional NER model backend; null: rules only")
+    max_sensitivity: Level = Field(
+        "confidential", description="records labelled above this are left out (public < internal < confidential < "
+                                    "secret; `restricted` is read as secret)")
+    sensitivity: SensitivityConfig = SensitivityConfig()
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of labeled records for validation")
     test_fraction: float = Field(0.2, ge=0, lt=1, description="share of labeled records for test")
     review_sample_size: int = Field(
@@ -153,9 +234,25 @@ class PrepConfig(Section):
     canaries: CanaryConfig = CanaryConfig()
     general: GeneralConfig = GeneralConfig()
     reident: ReidentConfig = ReidentConfig()
+    document_qa: DocumentQAConfig = DocumentQAConfig()
     data_use: list[SourceDeclaration] = Field(
         default_factory=list, description="the data-use register: purpose and legal basis per source (data/register.md)")
     require_legal_basis: bool = Field(False, description="refuse to run while a source file has no prep.data_use entry")
+
+    @field_validator("pii_action")
+    @classmethod
+    def _check_pii_action(cls, v: str | dict[str, str]) -> str | dict[str, str]:
+        allowed = ", ".join(PII_ACTIONS)
+        if isinstance(v, str):
+            if v not in PII_ACTIONS:
+                raise ValueError(f"{v!r} is not an action; allowed: {allowed}, or a mapping kind -> action")
+            return v
+        for kind, action in v.items():
+            if kind != "default" and kind not in KINDS:
+                raise ValueError(f"prep.pii_action.{kind}: unknown PII kind; kinds: default, {', '.join(KINDS)}")
+            if action not in PII_ACTIONS:
+                raise ValueError(f"prep.pii_action.{kind}: {action!r} is not an action; allowed: {allowed}")
+        return v
 
 
 class LabelConfig(Section):
@@ -213,20 +310,57 @@ class AssistantConfig(Section):
     steps: int | None = Field(None, ge=1, description="optimizer steps of the teacher -> assistant phase (null: train.steps)")
 
 
-class SweepConfig(Section):
-    """`stillhouse train --sweep`: one short training per point of the grid temperature x alpha x learning_rate
-    (other train settings as configured), ranked by the validation task metric."""
+class OptunaSweepConfig(Section):
+    """`train.sweep.method=optuna`: the [low, high] ranges optuna's TPE sampler searches (seeded by train.seed;
+    `pip install 'stillhouse[sweep]'`). Temperatures stay the list train.sweep.temperature, searched as choices:
+    each one costs a pass of the teacher."""
 
+    n_trials: int = Field(12, ge=1, description="trials in the study, counting those an interrupted sweep finished")
+    alpha: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = Field(
+        (0.0, 0.9), description="[low, high] of the KD weight")
+    learning_rate: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
+        (3e-5, 3e-3), description="[low, high] of the peak learning rate, searched on a log scale")
+    lora_r: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="[low, high] LoRA rank, log scale (needs train.lora.enabled); null: train.lora.r")
+    lora_alpha: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="[low, high] LoRA alpha (needs train.lora.enabled); null: train.lora.alpha")
+    pruner: Literal["none", "median"] = Field(
+        "none", description="median: stop a trial whose validation score at an evaluation is below the median of the "
+                            "finished trials' at that step (not before max(2, n_trials // 4) trials finished, "
+                            "nor at a trial's last step)")
+
+    @field_validator("alpha", "learning_rate", "lora_r", "lora_alpha")
+    @classmethod
+    def _low_le_high(cls, v):
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"a range is [low, high] with low <= high (equal fixes the value), not {list(v)}")
+        return v
+
+
+class SweepConfig(Section):
+    """`stillhouse train --sweep`: short trainings (other train settings as configured), ranked by the validation
+    task metric: one per point of the grid temperature x alpha x learning_rate (x LoRA rank x LoRA alpha), or
+    train.sweep.optuna.n_trials that optuna picks."""
+
+    method: Literal["grid", "optuna"] = Field(
+        "grid", description="grid: every combination of the lists here; optuna: a TPE search within train.sweep.optuna's "
+                            "ranges (pip install 'stillhouse[sweep]')")
     temperature: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [1.0, 2.0], min_length=1,
-        description="KD temperatures; one other than label.temperature relabels with the teacher once (cached)")
+        description="KD temperatures (optuna chooses among them); one other than label.temperature relabels "
+                    "with the teacher once (cached)")
     alpha: list[Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=lambda: [0.0, 0.5, 0.9], min_length=1,
         description="KD weights; 0 is the cross-entropy baseline (one trial, whatever the temperature)")
     learning_rate: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [1e-4, 3e-4, 1e-3], min_length=1, description="peak learning rates")
+    lora_r: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="LoRA ranks (needs train.lora.enabled); empty: train.lora.r")
+    lora_alpha: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="LoRA alphas (needs train.lora.enabled); empty: train.lora.alpha")
     steps: int = Field(40, ge=1, description="optimizer steps per trial (short: trials rank settings, they are not the final run)")
     evals: int = Field(2, ge=1, description="validation evaluations per trial; a trial scores its best one")
+    optuna: OptunaSweepConfig = OptunaSweepConfig()
 
 
 class TrainConfig(Section):
@@ -434,8 +568,13 @@ def parse_overrides(items: list[str] | None) -> dict:
 def _merge(base: dict, over: dict) -> dict:
     merged = dict(base)
     for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), str) and k in WORD_OR_MAPPING:
+            merged[k] = {"default": merged[k]}  # `pii_action: pseudonymize` + --set prep.pii_action.CARD=drop
         merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     return merged
+
+
+WORD_OR_MAPPING = {"pii_action"}  # settings that are one word or a {default: word, KIND: word} mapping
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:

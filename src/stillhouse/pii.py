@@ -9,13 +9,16 @@ Kinds (each masks to `[KIND]`): EMAIL, PHONE (international, US, Japanese, Thai 
 CARD (Luhn-checked), IBAN (mod-97 and country length checked), SSN (US), MY_NUMBER (Japan, check digit),
 THAI_ID (Thai national ID, mod-11 checksum), IP (v4/v6), URL (only URLs that name a person: /users/jsmith,
 /~jsmith, ?email=...), DOB (a date after "born on", "DOB", ...), ADDRESS (house number + street suffix, European
-street words, post boxes, words + number after "address:" / "lives on", then the unit, town, state, postcode and
-country lines after it; Japanese 丁目 and Thai ถนน/ซอย forms), PERSON (after titles and context words like "Name:",
+street words, post boxes, words + number after "address:" / "lives on" / "at", "56 rue La Boétie", an "Address:"
+form field, "A and <street>", then the unit, town, state, postcode and country lines after it, across bullets;
+Japanese 丁目 and Thai ถนน/ซอย forms), PERSON (after titles and context words like "Name:",
 "contact", "employee"; or capitalized words holding a given or family name from Faker's lists for ~80 locales
 (data/pii/, read at the first call), a middle initial, or a Slavic/Nordic/Georgian/... family-name ending; a
 name's words again later in the text; lowercase given + family name pairs; any name-like words in a strong
-position: dialogue speaker labels "Ubul: ...", a list after "founders:", before "lives on" / "was born";
-Japanese and Thai forms).
+position: dialogue speaker labels "Ubul: ...", a list after "founders:", before "lives on" / "was born", the first
+line of a contact block, a possessive, "X, can you ...", after a letter's closing line or "and" next to a name;
+capitalized words that are no English word (SmolLM2's vocabulary as the lexicon, data/pii/english_words.txt) in
+a person's slot; all-lowercase text searched with its initials capitalized; Japanese and Thai forms).
 Bench: `bench/pii.py` (precision/recall/F2 on presidio-research's set and on our en/ja/th gold set).
 
 Why no NER model or Presidio: Presidio downloads a spaCy model at start and exits offline (Presidio #1447), and
@@ -211,27 +214,57 @@ _ADDRESS_BOX = re.compile(
 # After "address:", "lives on", "send it to", ...: words and a house number are an address even without a
 # street suffix ("Dalmatinova 68", "Příční 1429"); cut at a lowercase word, as "Ombù 9091 today" ends at 9091.
 _ADDRESS_CONTEXT = re.compile(
-    r"(?i:\baddress(?:es)?\b(?:[ \t]+(?:is|was|here))?[ \t]*[:=\-]?|\b(?:lives?|living|located|situated|moved|"
+    r"(?i:\baddress(?:es)?\b(?:[ \t]+(?:is|was|here))?[ \t]*[:=\-]?|\baddress\?[ \t]*(?:it(?:'s|[ \t]+is)|here)?|\b(?:lives?|living|located|situated|moved|"
     r"ship(?:ped)?|send|sent|deliver(?:ed)?|mail(?:ed)?|meet(?:[ \t]+(?:me|you|us))?)[ \t]+(?:(?:it|this|them|one|a[ \t]new[ \t]one)"
     r"[ \t]+)?(?:at|on|to|in)(?:[ \t]+the[ \t]+\w+[ \t]+(?:side[ \t]+)?of)?)[ \t\n]*"
     r"(?P<addr>(?:\d{1,6}[ \t]+)?[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'.\-]*(?:[ \t]+[\wÀ-ɏ'.\-]+){0,3}?[ \t]+\d{1,5}[a-zA-Z]?)(?![\w\-/])"
 )
-# House number, street name, number: "20789 Allika 46", "0138 Brisas 6802" (kept only with an address tail).
+# Street name then house number, often after a postcode or building number: "20789 Allika 46", "Hoge Wei 32",
+# "518 Árpád fejedelem útja 62.", "Rua Vinte e Cinco de Setembro 1257". Kept only with more evidence (see
+# _find_addresses): an address tail, a street word after it, or (with the leading number) "at" / "to" before it.
+# Two patterns, searched separately, so that "Off At 74678" cannot take the number of "74678 Midtvollen 130".
 _ADDRESS_NUMBERED = re.compile(
-    r"(?<![\w\-/.,])\d{1,6}[ \t]+(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*\.?[ \t]+){1,3}\d{1,5}[a-zA-Z]?\.?(?![\w\-/])"
+    r"(?<![\w\-/.,])\d{1,6}[ \t]+[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*\.?(?:[ \t]+[^\W\d_][\w'\-]*\.?){0,5}?[ \t]+\d{1,5}[a-zA-Z]?(?![\w\-/])"
+)
+_ADDRESS_NAME_NUMBER = re.compile(  # also Greek ("Πλατεία Συντάγματος 204") and Spanish "C/ Señores Curas 88"
+    r"(?<![\w\-/.,])(?:C/[ \t]*)?[A-ZÀ-ÞĀ-ɏͰ-Ͽ][\w'\-]*\.?(?:[ \t]+(?:[A-ZÀ-ÞĀ-ɏͰ-Ͽ][\w'\-]*\.?|de|del|la|le|da|do|di|e|u|van|von)){0,3}?"
+    r"[ \t]+\d{1,5}[a-zA-Z]?(?![\w\-/])"
+)
+# House number, then the street type, then its name, as French, Spanish, Italian and Portuguese write it:
+# "56 rue La Boétie", "33 avenue de Provence", "12 Calle Mayor" (the type may be lowercase)
+_ADDRESS_TYPE_FIRST = re.compile(  # (a postcode or building number may come first: "143 31 rue de la Hulotais")
+    r"(?<![\w\-/.])(?:\d{1,6}[ \t]+)?\d{1,5}[ \t]+(?i:rue|avenue|av\.|avenida|avda\.|rua|calle|c/|carrer|via|viale|piazza|"
+    r"corso|boulevard|bd\.?|chemin|place|all[ée]e|impasse|quai)[ \t]+(?:(?:de|du|da|do|dos|das|del|della|di|des|la|le|d')[ \t]+)*"
+    r"(?!(?:Apt|Suite|Unit)\b)[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*(?:[ \t]+(?:(?!(?:Apt|Suite|Unit)\b)[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*|de|du|da|do|del|la|le)){0,3}"
+    r"(?<![ \t])"
+)
+_STREET_AFTER = re.compile(r"\.?[ \t]+(?:St|Street|Rd|Road|Ave|Avenue)\b")
+_ADDRESS_CUE_BEFORE = re.compile(r"(?i:\b(?:at|to|on|into)[ \t]+(?:[A-Z][\w\-]*,[ \t]+)?)$")  # "at Locavore, 641 ..."
+# A form field: "Address:" and the address on the same or the next line, to the end of that line.
+_ADDRESS_LABEL = re.compile(
+    r"(?im)^[ \t]*(?:(?:home|postal|mailing|street|billing|shipping|business|work|office)[ \t]+)?address[ \t]*:[ \t]*\n?[ \t]*"
+    r"(?P<addr>[^\n]*?\d[^\n]*?)[ \t.]*$"
 )
 # What may follow a street: a unit, a postcode (US, EU, "840 24", Canadian, UK), a state code before a postcode,
 # or a town / country of 1-4 words ("Colorado Springs", "Mora de Rubielos", "LONDON").
 _NOT_PLACE = frozenset(
     "I The A An This That It Is Please Call Email E-mail Phone Mobile Desk Fax Tel And Or But If When For From To In "
-    "On At By With Of As We You He She They My Our Your Thanks Regards Best Dear Hi Hello".split()
+    "On At By With Of As We You He She They My Our Your Thanks Regards Best Dear Hi Hello Today Tomorrow Tonight "
+    "Yesterday Monday Tuesday Wednesday Thursday Friday Saturday Sunday Then Now Soon".split()
 )
-_TAIL_SEP = re.compile(r"\.?[ \t]*(?:,[ \t]*\n?|\n)[ \t\n]*|[ \t]+")  # "Wesselényi u. 94.\n Suite 741"
+# where a clause ends: a town there closes the address ("..., Marshland", "... Suite 980 Reichenbach.")
+_CLAUSE_END = re.compile(r"[ \t]*(?:[.?!;]?[ \t]*(?:\n|$)|[.?!;][ \t]+[A-Z])")
+# "Wesselényi u. 94.\n Suite 741", "Muel\n, Z\n 16518" (the comma starts the next line), and list bullets at line
+# starts ("\n• Apt. 050", "\n??? Broomfield": "???" is how a bullet reads after a lossy encoding)
+_TAIL_SEP = re.compile(r"\.?[ \t]*(?:,[ \t]*\n?|\n(?:[ \t]*,)?)[ \t\n]*(?:[?•·*▪►][?•·*▪►]*[ \t]+)?|[ \t]+")
+_PLACE_WORD = r"[A-ZÀ-ÖØ-ÞĀ-ɏͰ-Ͽ∆][\wÀ-ɏͰ-Ͽ∆'.\-]*"  # Latin and Greek capitals ("ΑΓΙΟΣ ∆ΟΜΕΤΙΟΣ" uses U+2206)
 _TAIL_PART = re.compile(
-    r"(?P<unit>(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Floor|Fl\.?|Room|Rm\.?|#)[ \t]*#?\d[\w\-]{0,5})(?![\w\-])"
+    r"(?P<unit>(?i:Apt\.?|Apartment|Suite|Ste\.?|Unit|Floor|Fl\.?|Room|Rm\.?|#)[ \t]*#?\d[\w\-]{0,5})(?![\w\-])"
     r"|(?P<zip>\d{4,6}(?:-\d{3,4})?|\d{3}[ ]\d{2}|[A-Z]\d[A-Z][ ]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ ]\d[A-Z]{2})(?![\w\-])"
-    r"|(?P<state>[A-Z]{2})(?=[ \t]+\d)"
-    r"|(?P<place>[A-ZÀ-ÖØ-ÞĀ-ɏ][\wÀ-ɏ'.\-]*(?:[ \t]+(?:de|del|la|le|di|da|du|van|von|[A-ZÀ-ÖØ-ÞĀ-ɏ][\wÀ-ɏ'.\-]*)){0,3})"
+    # a region code of 1-3 letters ("CO", "VWV", "Z") counts only with a postcode after it
+    r"|(?P<state>[A-Z]{1,3})(?=[ \t]*\n?[ \t]+\d{4,6}(?![\w\-]))"
+    rf"|(?P<place>{_PLACE_WORD}(?:[ \t]+(?:(?:de|del|la|le|di|da|du|van|von|nad|na|u)(?![\w'])|{_PLACE_WORD})){{0,3}}"
+    r"(?:[ \t]+\([^()\n]{1,30}\))?)"  # "Cyprus (Greek)", "ΑΓΛΑΝΤΖΙΑ (ΑΓΛΑΓΓΙΑ)"
 )
 # An intersection: "the corner of Dalbraut 99 and Frederikke Coves" (capitalized words or numbers on both sides).
 _ADDRESS_CORNER = re.compile(
@@ -252,7 +285,11 @@ _ADDRESS_TH = re.compile(
 
 # --- PERSON -------------------------------------------------------------------------------------------------
 _NAME_WORD = r"[A-ZÀ-ÖØ-ÞĀ-ɏ][A-Za-zÀ-ÖØ-öø-ÿĀ-ɏ'\-]*(?!\w)"
-_TITLE_BEFORE = re.compile(r"\b(?:[Mm]r|[Mm]rs|[Mm]s|Miss|Mx|Dr|Prof|Sir|Madam|Mme|Mlle|Herr|Frau|Sr|Sra)\b\.?[ \t]+$")  # "ms. Quinzia"
+_TITLE_BEFORE = re.compile(  # "ms. Quinzia", "Professor Ulbrecht", "Aunt Zdenka"
+    r"\b(?:[Mm]r|[Mm]rs|[Mm]s|Miss|Mx|Dr|Prof|Sir|Madam|Mme|Mlle|Herr|Frau|Sr|Sra|Professor|Capt|Captain|Col|Colonel|Gen|"
+    r"Lt|Sgt|Rev|Reverend|Uncle|Aunt|Auntie|Grandma|Grandpa|Coach|Judge|Senator|Governor|Mayor|Detective|Nurse|Doctor)"
+    r"\b\.?[ \t]+$"
+)
 # Form labels and self-introductions: whatever capitalized words follow are a name.
 _LABEL_BEFORE = re.compile(
     r"(?i:\b(?:(?:full |first |last |customer |contact |employee |patient |client )?name|customer|contact|employee|"
@@ -266,7 +303,8 @@ _PERSON_CONTEXT_BEFORE = re.compile(
     r"(?i:\b(?:contact|contacted|employee|staff member|customer|client|patient|agent|manager|supervisor|colleague|"
     r"coworker|technician|hi|hello|hey|dear|cc|thanks|regards|sincerely|i am|i'm|this is|spoke with|spoke to|"
     r"talked to|ask|tell|said|named|called|calls me|assistant to|married|met with|directed by|written by|sung by|"
-    r"signed by|follow up with|speak to|speak with|meet with|on behalf of)\b[ \t]*[,:\-]?[ \t\n]*)$"
+    r"signed by|follow up with|speak to|speak with|meet with|on behalf of)\b[ \t]*[,:\-]?[ \t\n]*"
+    r"|\b(?:best|cheers|warmly|cordially|yours),[ \t]*\n[ \t]*)$"  # the closing line of a letter, then the name
 )
 # ... and after it: "Trivo lives on ...", "Maslin said", "Gerth had given"
 _PERSON_VERB_AFTER = re.compile(
@@ -376,6 +414,8 @@ _NOT_NAME = frozenset(
     Research Investments Capital Solutions Partners Associates Holdings Technologies Labs Consulting Sons
     Kitchen Living Bedroom Bathroom Garage Garden Room Light Lights Home House Smart Hub App Cloud
     Prince Princess Royal Queen Duke Duchess Lord Lady Majesty Highness PLC
+    Professor Captain Colonel Uncle Aunt Auntie Grandma Grandpa Coach Judge Senator Governor Mayor Detective Nurse
+    Doctor Reverend
     """.split()
 )
 
@@ -518,6 +558,20 @@ def _find_ips(text: str) -> list[Span]:
 
 
 def _find_addresses(text: str) -> list[Span]:
+    """Postal addresses; an all-lowercase text is searched capitalized."""
+    cased = _capitalized(text)
+    if cased is None:
+        return _find_addresses_cased(text)
+    # words our capitalizing made look like a street ("12 Times On The Way") hold a sentence word: not an address
+    return [s for s in _on_original(text, _find_addresses_cased(cased))
+            if not any(w.capitalize() in _NOT_PLACE for w in re.findall(r"[^\W\d_]+", s.value))]
+
+
+# "the corner of" left out: "Please return to Leon and Eyrarodda 66", "User: Hanne and ul. Stefana 28"
+_INTERSECTION_BEFORE = re.compile(r"(?:\b(?:at|to|on|is)[ \t]+|[:\n][ \t]*)([A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*[ \t]+(?:and|&)[ \t]+)$")
+
+
+def _find_addresses_cased(text: str) -> list[Span]:
     out = []
     for m in _ADDRESS_US.finditer(text):
         num = m.group("num")
@@ -528,21 +582,29 @@ def _find_addresses(text: str) -> list[Span]:
             continue
         end = _address_tail(text, m.end())
         out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
-    for rx in (_ADDRESS_EU, _ADDRESS_BOX):
+    for rx in (_ADDRESS_EU, _ADDRESS_BOX, _ADDRESS_TYPE_FIRST):
         for m in rx.finditer(text):
             end = _address_tail(text, m.end())
             out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
     for m in _ADDRESS_CONTEXT.finditer(text):
         end = _address_tail(text, m.end("addr"))
         out.append(Span(m.start("addr"), end, "ADDRESS", text[m.start("addr") : end]))
-    for m in _ADDRESS_NUMBERED.finditer(text):  # "20789 Allika 46": an address only with a unit, postcode or country
-        end = _address_tail(text, m.end())
-        if end > m.end():
-            out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
+    for rx in (_ADDRESS_NUMBERED, _ADDRESS_NAME_NUMBER):  # "20789 Allika 46": an address only with more evidence
+        for m in rx.finditer(text):
+            end = _address_tail(text, m.end())
+            if (end > m.end() or _STREET_AFTER.match(text, m.end())
+                    or (rx is _ADDRESS_NUMBERED and _ADDRESS_CUE_BEFORE.search(text, max(0, m.start() - 40), m.start()))):
+                out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
+    for m in _ADDRESS_LABEL.finditer(text):
+        out.append(Span(m.start("addr"), m.end("addr"), "ADDRESS", m.group("addr")))
     for rx in (_ADDRESS_JA, _ADDRESS_TH, _ADDRESS_CORNER):
         for m in rx.finditer(text):
             value = m.group().rstrip(". ")  # a Thai address at the end of a sentence keeps its full stop
             out.append(Span(m.start(), m.start() + len(value), "ADDRESS", value))
+    for i, s in enumerate(out):  # an intersection: "<street> and <address>"
+        m = _INTERSECTION_BEFORE.search(text, max(0, s.start - 40), s.start)
+        if m:
+            out[i] = Span(m.start(1), s.end, "ADDRESS", text[m.start(1) : s.end])
     return out
 
 
@@ -554,20 +616,22 @@ def _address_tail(text: str, pos: int) -> int:
     for _ in range(8):
         sep = _TAIL_SEP.match(text, pos)
         part = _TAIL_PART.match(text, sep.end()) if sep and sep.end() > pos else None
-        if not part:
-            break
+        if not part or (part.lastgroup == "zip" and not sep.group().strip() and text[pos - 1].isdigit()):
+            break  # "4111 1111": a number after a number is a longer number, not a postcode
         if part.lastgroup == "place":
-            words, countries = part.group().split(), _gazetteers().countries
+            words, countries = re.sub(r"[ \t]*\(.*", "", part.group()).split(), _gazetteers().countries
             if part.group() in countries or " ".join(words[-2:]) in countries or words[-1] in countries:
                 solid = part.end()  # "..., Tallinn, Estonia", "Coalville South Africa"
             elif words[0] in _NOT_PLACE:
                 break  # the sentence goes on: "... Apt. 4. I am in Sutri"
             elif all(w.isupper() and len(w) > 2 for w in words):
                 solid = part.end()  # post-office style town line: "LONDON", "KNIVSTA"
+            elif _CLAUSE_END.match(text, part.end()) and (sep.group().strip() or text[solid - 1].isdigit()):
+                solid = part.end()  # the town ends the sentence: "..., Marshland", "Suite 980 Reichenbach."
         elif part.lastgroup != "state":
             solid = part.end()
         pos = part.end()
-    return solid
+    return solid - (text[pos - 1] == "." and solid == pos)  # "..., Kerkrade." ends before the full stop
 
 
 def _name_words(words: list[str | None]) -> list[str]:
@@ -576,8 +640,8 @@ def _name_words(words: list[str | None]) -> list[str]:
     for w in words:
         possessive = bool(w) and w.endswith("'s")
         w = w[:-2] if possessive else w
-        if not w or len(w) < 2 or w in _NOT_NAME or not w[0].isupper():
-            break
+        if not w or len(w) < 2 or w in _NOT_NAME or not w[0].isupper() or _CONTRACTION.search(w):
+            break  # "I'm", "Don't" start sentences, not names
         if not (w[1:].islower() or re.fullmatch(r"(?:Mc|Mac|O'|D'|De|Di|La|Le|Van)[A-Z][a-z]+|[A-Z][a-z]+-[A-Z][a-z]+", w)):
             break  # "JOHN", "iPhone", "SmartHub" are not names
         kept.append(w)
@@ -586,7 +650,43 @@ def _name_words(words: list[str | None]) -> list[str]:
     return kept
 
 
+_CONTRACTION = re.compile(r"'(?:m|re|ve|ll|d|t)$")
+# "Warrane, can I please speak to your boss?": a word at the start of a sentence, a comma, then a request
+_VOCATIVE_AFTER = re.compile(r"(?i:,[ \t]+(?:can|could|would|will|please|do|did|are|have|i|we|you|let's|thanks|thank)\b)")
+_SENTENCE_START = re.compile(r"(?:^|[.!?:;\n][ \t\"'“(]*|\n[ \t]*[?•·*▪►#-]+[ \t]+)$")  # also after bullets, "## "
+_LINE_END = re.compile(r"[ \t]*\n")
+# Where a lone unknown capitalized word is a person: as a subject or object after these words ("Why is Glyceria so
+# impulsive?", "but Akifumi just has to", "ask Zdravka"), not after an article or preposition ("the Canteen",
+# "a street in Highveld", "about Canteen"), and not as the first word of a compound ("Cafe FAQ", checked after).
+_PERSON_SLOT_BEFORE = re.compile(
+    r"(?i:\b(?:is|was|are|were|and|but|or|with|by|for|said|asked|told|thanks|thank|dear|hi|hello|hey|tell|ask|let|"
+    r"call|meet|met|saw|see|like|love|loves|miss|when|if|because|so|then|while|whom|whose|did|does|do|will|would|can|"
+    r"could|should|has|have|had|says|say|knows|know|invite|invited|heard|hear))[ \t]+$"
+)
+_LINE_START_BULLETS = " \t?•·*▪►-"
+
+
+def _capitalized(text: str) -> str | None:
+    """An all-lowercase text ("meet me at 2407 tawastintie 6, sé, portugal") with every word's first letter
+    upper-cased, same length, so that the capitalization rules apply; None for any other text."""
+    if not re.search(r"[a-z]", text) or re.search(r"[A-ZÀ-ÖØ-ÞͰ-Ͽ]", text):
+        return None
+    return re.sub(r"(?<![\w'’])[^\W\d_]", lambda c: c.group().upper() if len(c.group().upper()) == 1 else c.group(), text)
+
+
+def _on_original(text: str, spans: list[Span]) -> list[Span]:
+    return [Span(s.start, s.end, s.kind, text[s.start : s.end]) for s in spans]
+
+
 def _find_persons(text: str) -> list[Span]:
+    """Person names. An all-lowercase text ("follow up with benjamin a seiler") is searched capitalized, where
+    only the rules with context (titles, context words, verbs, a contact block's first line) or known given /
+    family names count, never a lone unknown word."""
+    cased = _capitalized(text)
+    return _find_persons_cased(text) if cased is None else _on_original(text, _find_persons_cased(cased, lowered=True))
+
+
+def _find_persons_cased(text: str, lowered: bool = False) -> list[Span]:
     gaz = _gazetteers()
     out: list[Span] = []
     people = [m.span("names") for m in _PEOPLE_LIST.finditer(text)]
@@ -595,11 +695,15 @@ def _find_persons(text: str) -> list[Span]:
     speakers = {m.start(1) for m in _SPEAKER.finditer(text)}
     speakers = speakers if len(speakers) >= 2 else set()  # one "Note: ..." line is not a dialogue
     covered = 0
+    first_word = len(text) - len(text.lstrip(_LINE_START_BULLETS + "\n"))  # where a contact block's name would start
     for w in _WORD_START.finditer(text):  # every capitalized word may start a name ("Dear Anna": skip "Dear")
         if w.start() < covered:
             continue
         m = _CAP_WORDS.match(text, w.start())
         words = _name_words([m.group(1), m.group(2), m.group(3)]) if m else []
+        if lowered:  # "follow up with patricia desrosiers next week": the English word after the name is no part of it
+            while len(words) > 1 and words[-1].lower() in gaz.english and words[-1] not in gaz.last:
+                words.pop()
         if not words:
             continue
         end = m.start()
@@ -608,32 +712,57 @@ def _find_persons(text: str) -> list[Span]:
         before = text[max(0, m.start() - 40) : m.start()]
         # "Router X200", "Model Pro 3": a capitalized word followed by a code or number is a product
         after = text[end : end + 20]
-        product_like = bool(re.match(r"[ \t]+[A-Za-z\-]*\d", after))
+        product_like = bool(re.match(r"[ \t]+[A-Za-z\-]*\d", after) or _THING_AFTER.match(after))
         org_like = bool(_ORG_AFTER.match(after))  # "Russell Investments", "Thomas and Sons", "Gradiant Research LLC"
         # "Barnett, Melton and Garcia" is a firm; "Anna, Maria and Sofia" are three people
         org_like = org_like or any(a <= m.start() < b for a, b in firms)
         # "Elisabeth Parks" is a person, "Marina Fort" and "King Forges" are streets
         street_like = words[-1] in _STREET_WORDS and words[-1] not in gaz.last
         # no word of a name is a frequent English word ("Will Power", "Grant Program" are not people)
-        name_like = not any(word.lower() in gaz.common for word in words)
+        name_like = not any(word.lower() in gaz.common or (word.endswith("ly") and word not in gaz.first) for word in words)
+        known = any(w in gaz.first or w in gaz.last or _surname_shaped(w) for w in words)  # "Csenger Gábor"
+        # no word is an English word or a place: "Hijacinta Godina", "Glyceria" (not "Secretly Love", "Berlin")
+        unknown = name_like and all(_unknown_word(w, gaz) for w in words)
+        at_start = bool(_SENTENCE_START.search(text, max(0, m.start() - 8), m.start()))
+        # the last word of a longer proper noun: "Apache Tomcat", "(But Secretly Love)"; not "Ask Maciej"
+        prev = re.search(r"[A-Z][\w\-]*[ \t]+$", before)
+        after_cap = bool(prev) and not _SENTENCE_START.search(text, max(0, m.start() - len(before) + prev.start() - 8),
+                                                              m.start() - len(before) + prev.start())
+        # "69 Av Sidi Lakhmi", "214 Pavlou Drandaki": words after a house number are a street
+        street_like = street_like or bool(re.search(r"\d[ \t]+$", before))
         if product_like or org_like or street_like:
             ok = False
+        elif (len(words) >= 2 and name_like and (known or not lowered) and _LINE_END.match(text, end)
+              and m.start() == first_word and _HAS_DIGIT_OR_AT.search(text, end)):
+            ok = True  # the first line of a contact block or signature: "Julcsa Kárpáthy\nMhealthcoach\n50668 ..."
+        elif at_start and name_like and len(words) <= 2 and _VOCATIVE_AFTER.match(text, end) and words[0] not in gaz.places:
+            ok = not lowered or known
+        elif (text.startswith("'s", end) and name_like and (len(words) >= 2 or known or unknown)
+              and words[0] not in gaz.places and not re.search(r"(?i:\b(?:the|a|an|this|that|our|your|its))[ \t]+$", before)):
+            ok = not lowered or known  # a possessive: "Meza's song", "Pinabel Marcil's Cautionary Tales" (not "the Canteen's")
         elif _TITLE_BEFORE.search(before) or _LABEL_BEFORE.search(before) or any(a <= m.start() < b for a, b in people):
             ok = True
         elif m.start() in speakers and name_like and text.startswith(":", end) and words[0] not in _NOT_SPEAKER:
             ok = True  # a speaker label of a dialogue ("Ubul: What a wife.")
         elif _PERSON_CONTEXT_BEFORE.search(before):
-            ok = words[0] in FIRST_NAMES or words[0] in gaz.first or len(words) >= 2
+            # "said Maslin", "follow up with Benjamin A Seiler": after a person context any name-like words
+            ok = words[0] in FIRST_NAMES or words[0] in gaz.first or (
+                (len(words) >= 2 or unknown or (words[0] in gaz.last and name_like)) and (not lowered or known))
         elif name_like and (_PERSON_VERB_AT_START if m.start() == 0 or text[m.start() - 1] == "\n"
                             else _PERSON_VERB_AFTER).match(text, end):
-            ok = True
+            ok = not lowered or known
         elif len(words) >= 2 and name_like:
-            # "Maciej Borkowski", "Elita B Desaulniers": a known given or family name, or a middle initial
-            ok = (any(w in gaz.first or w in gaz.last or _surname_shaped(w) for w in words)  # "Csenger Gábor"
-                  or bool(_MIDDLE_INITIAL.search(text, m.start(), end)))
+            # "Maciej Borkowski", "Elita B Desaulniers", "Hijacinta Godina": a known given or family name, a middle
+            # initial, or no English word at all
+            ok = known or (not lowered and (unknown or bool(_MIDDLE_INITIAL.search(text, m.start(), end))))
+        elif (unknown and not lowered and not at_start and not after_cap
+              and _PERSON_SLOT_BEFORE.search(before) and not re.match(r"[ \t]+[A-Z]", after)):
+            ok = True  # one name-shaped word in a person's slot: "Why is Glyceria so impulsive?"
+        elif lowered:
+            ok = False  # a lone capitalized-by-us word: too many English words are somebody's name somewhere
         else:
             # a lone word needs no place of the same spelling ("Berlin | 180" is a city in a table, not a person)
-            ok = (len(words) > 1 or words[0] not in gaz.places) and (
+            ok = (len(words) > 1 or (words[0] not in gaz.places and not after_cap)) and (
                 words[0] in FIRST_NAMES
                 or (len(words) == 1 and name_like and (words[0] in gaz.first or _surname_shaped(words[0]))))
         if ok:
@@ -642,6 +771,14 @@ def _find_persons(text: str) -> list[Span]:
     taken = bytearray(len(text))  # 1 where a name was found: overlap tests in O(1), long documents stay linear
     for s in out:
         taken[s.start : s.end] = b"\1" * (s.end - s.start)
+    for s in list(out):  # "Anna and Zdenka", "Maslin and Antonio": a name-shaped word joined to a name by "and"
+        for m in (_AND_NAME_AFTER.match(text, s.end), _AND_NAME_BEFORE.search(text, max(0, s.start - 40), s.start)):
+            if m and not taken[m.start(1) : m.end(1)].count(1):
+                words = m.group(1).split()
+                if all(w not in _NOT_NAME and w not in gaz.places and w.lower() not in gaz.common
+                       and (w in gaz.first or w in gaz.last or _unknown_word(w, gaz)) for w in words):
+                    out.append(Span(m.start(1), m.end(1), "PERSON", m.group(1)))
+                    taken[m.start(1) : m.end(1)] = b"\1" * (m.end(1) - m.start(1))
     if out:  # "Ask Maciej Borkowski. Borkowski knows.": a word of a name found above is that name again
         known = {w for s in out for w in re.findall(r"\w{3,}", s.value) if w.lower() not in gaz.common}
         for w in _CAP_WORD.finditer(text):
@@ -656,7 +793,7 @@ def _find_persons(text: str) -> list[Span]:
     # lowercase names after an unmistakable context ("my name is john smith"; scrubadub #19)
     for m in _LOWER_NAME.finditer(text):
         first, last = m.group(1), m.group(2)
-        if first.capitalize() in FIRST_NAMES:
+        if first.capitalize() in FIRST_NAMES or first.capitalize() in gaz.first or first not in gaz.english:
             end = m.end(2) if last and last.capitalize() not in _NOT_NAME and last not in _LOWER_STOP else m.end(1)
             out.append(Span(m.start(1), end, "PERSON", text[m.start(1) : end]))
     out += [Span(m.start(1), m.end(1), "PERSON", m.group(1)) for rx in (_CJK_NAME, _CJK_NAME_CTX) for m in rx.finditer(text)]
@@ -670,6 +807,11 @@ def _find_persons(text: str) -> list[Span]:
     return out
 
 
+# "Jenkins Agent", "Apache Server": a name followed by the kind of software or thing it names
+_THING_AFTER = re.compile(
+    r"[ \t]+(?:Agent|Server|Service|Services|System|Systems|Platform|Engine|Cloud|App|Portal|Hub|Framework|Library|"
+    r"Database|Plugin|Module|Driver|Console|Studio|Toolkit|SDK|API|CLI)\b"
+)
 _ORG_AFTER = re.compile(
     r"[ \t]+(?:(?:and|&)[ \t]+(?:Sons|Co|Partners|Associates)\b|(?:LLC|LLP|Inc|Ltd|Corp|GmbH|AG|SA|plc|PLC|Co|Group|Holdings|"
     r"Partners|Associates|Investments|Capital|Research|Solutions|Systems|Technologies|Labs|Consulting|Bank|Foundation|"
@@ -685,10 +827,24 @@ _SURNAME_ENDING = re.compile(
 )
 
 
+# English derivational endings: "Ameliorated", "Upgradable" are words even where the vocabulary lacks them
+_ENGLISH_ENDING = re.compile(r"(?:ed|able|ible|ing|tion|sion|ness|ment|ive|ous|ful|less|ize|ise|ity|ism|ist|ly)$")
+
+
+def _unknown_word(word: str, gaz: "_Gazetteers") -> bool:
+    """No English word (nor a hyphenated part of one: "Customer-focused"), no place, no English word ending, no
+    part shorter than 3 letters ("Wi-Fi")."""
+    return not (word in gaz.places or (len(word) >= 6 and _ENGLISH_ENDING.search(word))
+                or any(len(part) < 3 or part.lower() in gaz.english or (part[-1] == "s" and part[:-1].lower() in gaz.english)
+                       for part in word.split("-")))  # "Dashboards": a plural
+
+
 def _surname_shaped(word: str) -> bool:
     return len(word) >= 6 and bool(_SURNAME_ENDING.search(word)) and word.lower() not in _gazetteers().common
 
 
+_AND_NAME_AFTER = re.compile(rf"[ \t]+(?:and|&|or)[ \t]+({_NAME_WORD}(?:[ \t]+{_NAME_WORD})?)(?![ \t]+[A-Z])")
+_AND_NAME_BEFORE = re.compile(rf"(?<![\w\-])({_NAME_WORD}(?:[ \t]+{_NAME_WORD})?)[ \t]+(?:and|&|or)[ \t]+$")
 _MIDDLE_INITIAL = re.compile(r"[ \t][A-Z]\.?[ \t]")
 _CAP_WORD = re.compile(r"(?<![\w@.'\-])([A-ZÀ-ÖØ-ÞĀ-ɏ][a-zà-öø-ÿā-ɏ'\-]{2,})(?:'s)?(?![\w@])")
 # two lowercase words, tried at every word start (the lookahead lets pairs overlap)
@@ -701,6 +857,7 @@ class _Gazetteers(NamedTuple):
     common: frozenset  # frequent English words, lowercase: never a name on their own
     countries: frozenset
     places: frozenset  # one-word city/state names: never a person on their own ("Hotels in Berlin")
+    english: frozenset  # ~21,000 lowercase words frequent in web text (SmolLM2's vocabulary): not name-shaped
 
 
 @functools.cache
@@ -717,7 +874,7 @@ def _gazetteers() -> _Gazetteers:
     # count next to other evidence (a title, a context word, a second name word)
     drop = _NOT_NAME | countries | {w.capitalize() for w in common}
     return _Gazetteers(read("first_names.txt") - drop, read("last_names.txt") - drop, common, countries,
-                       read("places.txt"))
+                       read("places.txt"), read("english_words.txt"))
 
 
 _LOWER_STOP = frozenset("and or but from at in on and i im the a to is was my please".split())

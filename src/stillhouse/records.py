@@ -8,7 +8,7 @@ A record (one line of `data/*.jsonl`):
                   {"role": "user", "content": "turn on the kitchen light"},
                   {"role": "assistant", "content": "HassTurnOn"}],   # absent -> unlabeled
      "source": {"file": "sources/intents.jsonl", "location": "line 18"},
-     "sensitivity": "internal",          # public | internal | confidential | restricted
+     "sensitivity": "internal",          # public | internal | confidential | secret
      "provenance": {...}}                # optional: who wrote the response (e.g. the teacher)
 
 The prompt is every message but a final assistant turn, rendered with the tokenizer's chat template; the
@@ -18,8 +18,6 @@ response is that assistant turn followed by the template's end-of-turn token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-SENSITIVITY_LEVELS = ["public", "internal", "confidential", "restricted"]
 
 
 def prompt_messages(record: dict) -> list[dict]:

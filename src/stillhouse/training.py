@@ -341,22 +341,100 @@ def process_state():
     return PartialState(cpu=not torch.accelerator.is_available())
 
 
+def _accelerator(label: str):
+    """accelerate's Accelerator for `fit`: plain, DDP or FSDP2, as `accelerate launch` was configured.
+
+    accelerate (1.15) quietly runs an FSDP launch config as plain DDP when the machine has no GPU; torch's FSDP2
+    does run on CPU processes over gloo, so there we switch accelerate's state to FSDP ourselves: the config means
+    what it says everywhere, and the FSDP path is tested on CPU. DeepSpeed stays refused (see docs/distributed.md)."""
+    import os
+
+    import torch
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from stillhouse.errors import StillhouseError
+
+    # checked before accelerate reads the launcher's settings: without a GPU it would run either config as DDP,
+    # or fail in its own words
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise StillhouseError(f"{label}: accelerate's DeepSpeed is not supported (its engine owns gradient "
+                              f"accumulation, clipping and the optimizer step, which this loop does itself); launch "
+                              f"with FSDP instead, which shards the same state: examples/accelerate/fsdp.yaml, see "
+                              f"docs/distributed.md")
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise StillhouseError(f"{label}: FSDP version 1 is not supported (validation and sampling call the model "
+                              f"outside its wrapper); set fsdp_version: 2 in the accelerate config, as in "
+                              f"examples/accelerate/fsdp.yaml")
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and fsdp:
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launcher's FSDP_* env
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
+
+
+def _local(q):
+    """This process's part of a parameter or gradient: its shard under FSDP2 (a DTensor), else the tensor itself."""
+    return q.to_local() if hasattr(q, "to_local") else q
+
+
+@contextlib.contextmanager
+def _root_gathered(wrapped, fsdp: bool):
+    """Under FSDP2 the parameters outside every decoder layer's unit (embeddings, final norm, LM head) belong to the
+    root unit, which gathers them only inside its own forward. Validation and generation call the model directly:
+    gather them for that long (each decoder layer still gathers its own in its forward). A no-op without FSDP."""
+    if not fsdp:
+        yield
+        return
+    wrapped.unshard()
+    try:
+        yield
+    finally:
+        wrapped.reshard()
+
+
+def _plain_copy(model, state_dict: dict):
+    """A CPU copy of `model` outside FSDP (same transformers class, peft adapters included) that holds the
+    model's part of `state_dict` (the loss module's full one, gathered on the main process: keys `model.*`):
+    what a checkpoint folder is written from under FSDP. Built on the meta device, so the weights are the gathered
+    tensors themselves, not a second copy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = _base(model)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(base.config)
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model
+
+        plain = get_peft_model(plain, model.peft_config["default"])
+    plain.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")},
+                          assign=True)
+    if hasattr(_base(plain), "tie_weights"):
+        _base(plain).tie_weights()  # assign=True put two tensors where the model ties one
+    return plain
+
+
 def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams, out_dir: Path,
-        meta: dict, label: str = "train", teacher=None) -> dict:
+        meta: dict, label: str = "train", teacher=None, on_eval=None) -> dict:
     """Train `model` in place; write `step-NNNNNN/`, `best/` (by val_score), `final/`, `metrics.jsonl` and
     `samples.jsonl` (a few greedy validation outputs per evaluation) in `out_dir`.
 
     `teacher`: an online teacher model run inside the loop (dense KD over all V tokens, and the hidden states that
     `p.align_layers` aligns); None: the examples' stored top-k soft labels, if any.
     Under `accelerate launch` each of W processes takes every W-th of the step's W * grad_accum_steps micro-batches
-    (all draw the same order), gradients are averaged by DDP, and only the main process writes: W processes equal
-    one process with W times the accumulation. Resumes from `out_dir/resume/` (model, optimizer, step, data order,
-    Python and torch RNG) after a crash or Ctrl-C: rows logged after that checkpoint are dropped, so on CPU the
-    result equals an uninterrupted run. A NaN/inf loss or gradient stops with a StillhouseError naming the step; the
+    (all draw the same order), gradients are averaged (DDP, or FSDP2 with sharded state: docs/distributed.md), and
+    only the main process writes: W processes equal one process with W times the accumulation. Resumes from
+    `out_dir/resume/` (model, optimizer, step, data order, Python and torch RNG) after a crash or Ctrl-C: rows
+    logged after that checkpoint are dropped, so on CPU the result equals an uninterrupted run. A NaN/inf loss or gradient stops with a StillhouseError naming the step; the
     last good checkpoint is kept. Running out of memory stops with one that says what to change (p.memory_hint).
+    on_eval(step, eval_metrics), when given, runs after each evaluation's checkpoint (the sweep's pruner).
     Returns a summary: best step and score, final metrics, tokens/s."""
     import torch
-    from accelerate import Accelerator
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_state_dict)
 
     from stillhouse.errors import StillhouseError
     from stillhouse.models import save_pretrained
@@ -368,12 +446,9 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
         raise StillhouseError(f"{label}: hidden-state alignment needs the teacher's hidden states: set "
                               f"train.teacher_signal=online (the offline soft labels hold only log-probabilities)")
     # the device, and under `accelerate launch` the process group (see process_state)
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise StillhouseError(f"{label}: accelerate's {accelerator.distributed_type.name} is not supported yet (checkpoints "
-                              f"and validation need the whole model in every process); launch with DDP instead: "
-                              f"examples/accelerate/ddp.yaml, see docs/distributed.md")
+    accelerator = _accelerator(label)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    fsdp = accelerator.distributed_type.name == "FSDP"
     device = accelerator.device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -393,11 +468,7 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
     resume = out_dir / "resume"
     saved = _last_resume_state(out_dir)
     if saved is not None:
-        state = json.loads((saved / "state.json").read_text())
-        model.load_state_dict(torch.load(saved / "model.pt", weights_only=True), strict=False)
-        if projections is not None and (saved / "projections.pt").exists():
-            projections.load_state_dict(torch.load(saved / "projections.pt", weights_only=True))
-        opt.load_state_dict(torch.load(saved / "optimizer.pt", weights_only=True))
+        state = json.loads((saved / "state.json").read_text())  # weights and optimizer: after prepare, below
         rng.setstate(_tuplify(state.pop("rng")))
         torch.set_rng_state(torch.load(saved / "torch_rng.pt", weights_only=True))
         if main:
@@ -413,8 +484,20 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
             path.unlink(missing_ok=True)  # a fresh run: old curves would mislead
         shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
     accelerator.wait_for_everyone()  # no process may read files the main one is still truncating
-    # DDP under accelerate launch; one process needs no wrapper (and keeps the hot path free of accelerate's)
+    # DDP or FSDP under accelerate launch; one process needs no wrapper (and keeps the hot path free of accelerate's)
+    torch_opt = opt  # FSDP swaps its parameters for their shards in place; accelerate wraps it for the step
     wrapped, opt = accelerator.prepare(loss_module, opt) if world > 1 else (loss_module, opt)
+    trainable = [q for q in wrapped.parameters() if q.requires_grad]  # under FSDP: the shards (DTensors)
+    # checkpoints and resume hold the full state: gathered onto the main process's CPU (each FSDP unit in turn)
+    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if saved is not None:  # every process reads the files (one file system; mmap: the page cache is shared) and
+        # keeps its part: the whole model under DDP, its shards under FSDP
+        set_state_dict(wrapped, torch_opt,
+                       model_state_dict=torch.load(saved / "model.pt", weights_only=True, mmap=True),
+                       optim_state_dict=torch.load(saved / "optimizer.pt", weights_only=True, mmap=True),
+                       options=StateDictOptions(full_state_dict=True))
+    if fsdp:  # transformers' generate then keeps all processes stepping together until the longest sample ends
+        _base(model)._is_fsdp_managed_module = True
     board = _tensorboard(out_dir, p.tensorboard) if main else None
 
     def next_batch() -> list[Example]:
@@ -447,7 +530,8 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
             f"learning rate (e.g. --set {p.lr_setting}={p.learning_rate / 10:g}) and re-run; {kept}")
 
     def checkpoint(step: int, ev: dict) -> None:
-        if not math.isfinite(ev["val_loss"]) or not all(bool(torch.isfinite(q).all()) for q in trainable):
+        bad = torch.tensor([float(not bool(torch.isfinite(_local(q)).all())) for q in trainable]).sum()
+        if not math.isfinite(ev["val_loss"]) or accelerator.reduce(bad.to(device), "sum").item() > 0:
             raise diverged(step, "the validation loss or the weights")
         score = ev["val_score"]
         improved = score > state["best_score"]
@@ -456,12 +540,14 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
         else:
             state["bad_evals"] += 1
         state["step_saved"] = step
+        model_sd, opt_sd = get_state_dict(wrapped, torch_opt, options=full_state)  # every process takes part
         if not main:  # every process keeps the same state; one writes it
             return
+        saved_model = _mergeable(_plain_copy(model, model_sd) if fsdp else model)
         name = f"step-{step:06d}"
-        save_pretrained(_mergeable(model), tokenizer, out_dir / name, {**meta, "step": step, "val_score": score})
+        save_pretrained(saved_model, tokenizer, out_dir / name, {**meta, "step": step, "val_score": score})
         if improved:
-            save_pretrained(_mergeable(model), tokenizer, out_dir / "best", {**meta, "step": step, "val_score": score})
+            save_pretrained(saved_model, tokenizer, out_dir / "best", {**meta, "step": step, "val_score": score})
         steps = sorted(d for d in out_dir.glob("step-*") if d.is_dir())
         for old in steps[: -p.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -470,10 +556,8 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
         tmp = out_dir / ".resume.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        torch.save(model.state_dict(), tmp / "model.pt")
-        if projections is not None:
-            torch.save(projections.state_dict(), tmp / "projections.pt")
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(model_sd, tmp / "model.pt")  # keys of the loss module: model.*, projections.*
+        torch.save(opt_sd, tmp / "optimizer.pt")  # keyed by parameter name, so any launch mode can resume it
         torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")  # dropout (LoRA) draws from it
         (tmp / "state.json").write_text(json.dumps({**state, "rng": rng.getstate()}))
         shutil.rmtree(resume, ignore_errors=True)
@@ -484,7 +568,7 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
         from stillhouse.records import generate
 
         chosen = val[: p.eval_samples]
-        if not chosen or not main:
+        if not chosen or not (main or fsdp):  # under FSDP every process takes part in each forward
             return
         refs = [e.input_ids[e.prompt_len:] for e in chosen]
         model.eval()
@@ -546,11 +630,15 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
                                     "tokens_per_s": round(step_tokens / max(time.time() - t_step, 1e-9), 1)}])
                 advance(1, info=f"loss {totals['loss']:.3f}")
                 if step % p.eval_every_steps == 0 or step == p.steps:
-                    ev = evaluate(model, val, pad_id) if val else {"val_score": -totals["loss"], "val_loss": totals["loss"]}
-                    log(metrics_path, [{"step": step, **ev}])
-                    write_samples(step)  # before the checkpoint: a resume from it never lacks this step's samples
+                    with _root_gathered(wrapped, fsdp):
+                        ev = (evaluate(model, val, pad_id) if val
+                              else {"val_score": -totals["loss"], "val_loss": totals["loss"]})
+                        log(metrics_path, [{"step": step, **ev}])
+                        write_samples(step)  # before the checkpoint: a resume from it never lacks this step's samples
                     checkpoint(step, ev)
                     accelerator.wait_for_everyone()
+                    if on_eval is not None:  # e.g. the sweep's pruner; what it raises stops training here
+                        on_eval(step, ev)
                     if p.early_stopping_patience and state["bad_evals"] >= p.early_stopping_patience:
                         stopped_early = True
                         console.print(f"{label}: early stop at step {step} (no improvement in {state['bad_evals']} evals)")
@@ -566,8 +654,10 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
     finally:
         if board is not None:
             board.close()
+    final_sd = get_model_state_dict(wrapped, options=full_state) if fsdp else None  # every process gathers
     if main:
-        save_pretrained(_mergeable(model), tokenizer, out_dir / "final", {**meta, "step": state["step"]})
+        save_pretrained(_mergeable(_plain_copy(model, final_sd) if fsdp else model), tokenizer, out_dir / "final",
+                        {**meta, "step": state["step"]})
         shutil.rmtree(resume, ignore_errors=True)
     accelerator.wait_for_everyone()
     seconds = time.time() - t0
@@ -575,6 +665,9 @@ def fit(model, tokenizer, train: list[Example], val: list[Example], p: FitParams
         "steps": state["step"], "best_step": state["best_step"], "best_val_score": state["best_score"],
         "stopped_early": stopped_early, "train_seconds": round(seconds, 1),
         "train_tokens_per_second": round(tokens_seen / max(seconds, 1e-9), 1),
+        "processes": world, "distributed": accelerator.distributed_type.name,
+        # what the main process holds of the student's parameters: all of them, or its shards under FSDP
+        "parameter_bytes_main_process": sum(_local(q).numel() * q.element_size() for q in wrapped.parameters()),
     }
 
 

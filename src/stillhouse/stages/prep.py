@@ -12,10 +12,16 @@
     records   documents -> sections of about `chunk_chars` -> "What does the <title> say about <heading>?";
               table rows -> one record each (rows without an answer -> unlabeled, for the teacher).
     dedup     exact (normalized text hash) and near (MinHash LSH, every pair verified by exact Jaccard).
-    pii       masked / pseudonymized / kept per `pii_action`; originals only in data/pii_private.json.
-    label     sensitivity from marks ("confidential", "internal only", ...) and PII; above max -> dropped.
+    pii       rule spans (stillhouse.pii) + an optional local NER model's (`pii_model`, stillhouse.pii_model);
+              masked / pseudonymized / kept per kind, or the record dropped, per `pii_action`; originals of
+              kept records only in data/pii_private.json.
+    label     public < internal < confidential < secret, from markers ("CONFIDENTIAL", 社外秘, ลับ, ...),
+              folder rules and PII density (`prep.sensitivity`); above `max_sensitivity` -> left out, and
+              the documents listed in report.json.
     reident   quasi-identifier combinations (date + age + job title ...) shared by fewer than k records:
               reported, generalized or dropped per `prep.reident` (stillhouse.reident); reviewed first.
+    docqa     with `prep.document_qa.enabled`: the teacher writes questions each document section answers and
+              answers them from it (stillhouse.docqa); ungrounded pairs dropped; a pair joins its section's group.
     split     train/val/test, seeded, stratified by label; similar records never straddle two splits.
 
 Outputs in data/: train.jsonl, val.jsonl, test.jsonl, review.csv + review.html (a stratified sample with
@@ -32,6 +38,7 @@ import contextlib
 import csv
 import errno
 import fnmatch
+import functools
 import hashlib
 import io
 import json
@@ -47,39 +54,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stillhouse import pii, register, reident, textproc
-from stillhouse.config import Config, TableMapping
+from stillhouse.config import SENSITIVITY_LEVELS, Config, TableMapping
 from stillhouse.errors import StillhouseError
 from stillhouse.general import general_records
 from stillhouse.general import source_path as general_source
-from stillhouse.records import SENSITIVITY_LEVELS
 from stillhouse.textproc import Block
 from stillhouse.workspace import STAGES, StageRun, atomic_write_json, atomic_write_text, stage_dir, write_jsonl
 
 DOCUMENT_TYPES = {".pdf": "PDF", ".docx": "Word", ".html": "HTML", ".htm": "HTML", ".md": "Markdown",
                   ".markdown": "Markdown", ".txt": "text", ".eml": "e-mail"}
 TABLE_TYPES = {".csv": "CSV", ".jsonl": "JSONL", ".xlsx": "Excel"}
-EXTRACT_VERSION = 1  # bump when an extractor's output changes: cached extractions of older versions are redone
+EXTRACT_VERSION = 2  # bump when an extractor's output changes: cached extractions of older versions are redone
 SUPPORTED = ", ".join(sorted({*DOCUMENT_TYPES, *TABLE_TYPES}))
 # Records at least this similar (Jaccard of shingles) but below near_dup_threshold are both kept, yet always
 # land in the same split: a test record that is 70% the same text as a train record would inflate scores.
 SPLIT_GROUP_MARGIN = 0.2
 REVIEW_TEXT_CHARS = 2000  # per review.csv row, so the sheet stays readable
 REPORT_CLUSTERS = 200  # duplicate clusters listed in report.json (all are counted)
+REPORT_LIST = 1000  # records dropped for a PII kind listed in report.json (all are counted)
 
-# Sensitivity marks, highest level first. They count in the forms that MARK a text -- an all-caps stamp
-# ("CONFIDENTIAL" in a page header), "Classification: Restricted", "internal use only", "this report is
-# confidential" -- not where prose merely uses the word ("Restricted information is never e-mailed", a list
-# that defines the four classes, "a public holiday"), which would put a whole policy above max_sensitivity.
+# Built-in sensitivity marks (regex sources), highest level first. They count in the forms that MARK a text --
+# an all-caps stamp ("CONFIDENTIAL" in a page header), "Classification: Secret", "internal use only", "this
+# report is confidential" -- not where prose merely uses the word ("Restricted information is never e-mailed",
+# a list that defines the four classes, "a public holiday"), which would put a whole policy above
+# max_sensitivity. Japanese stamps (極秘, 社外秘, ...) are unambiguous words; Thai ones (ลับ, ลับมาก, ...) count only
+# standing apart from other Thai letters, since ลับ is also part of ordinary words (กลับ, "return").
 _CLASS_LABEL = r"(?:classification|classified|sensitivity|label|marking)\s*[:=]\s*"
-_MARKS = [
-    ("restricted", re.compile(rf"\bRESTRICTED\b|\bTOP SECRET\b|(?i:\bstrictly confidential\b|\btop secret\b|{_CLASS_LABEL}restricted\b"
-                              r"|\brestricted (?:document|distribution)\b|\bdo not (?:distribute|forward)\b)")),
-    ("confidential", re.compile(rf"\bCONFIDENTIAL\b|(?i:{_CLASS_LABEL}confidential\b|\b(?:is|are|be|marked|kept|remains?|"
-                                r"treated as)\s+confidential\b|\bconfidential (?:document|report|memo|information|data)\b)")),
-    ("internal", re.compile(rf"\bINTERNAL\b|(?i:\binternal (?:use )?only\b|\bfor internal use\b|{_CLASS_LABEL}internal\b)")),
-    ("public", re.compile(rf"\bPUBLIC\b|(?i:{_CLASS_LABEL}public\b|\bfor public (?:release|distribution)\b|\bpublicly available\b)")),
-]
-DEFAULT_SENSITIVITY = "internal"  # an organization's unmarked text is internal until someone says otherwise
+_THAI_APART = r"(?<![\u0e00-\u0e7f])", r"(?![\u0e00-\u0e7f])"
+_MARKS = (
+    ("secret", rf"\bRESTRICTED\b|\bSECRET\b|(?i:\bstrictly confidential\b|\btop secret\b|{_CLASS_LABEL}(?:restricted|secret)\b"
+               r"|\brestricted (?:document|distribution)\b|\bdo not (?:distribute|forward)\b)"
+               rf"|極秘|厳秘|{_THAI_APART[0]}ลับ(?:มาก|ที่สุด){_THAI_APART[1]}"),
+    ("confidential", rf"\bCONFIDENTIAL\b|(?i:{_CLASS_LABEL}confidential\b|\b(?:is|are|be|marked|kept|remains?|"
+                     r"treated as)\s+confidential\b|\bconfidential (?:document|report|memo|information|data)\b)"
+                     rf"|社外秘|部外秘|関係者外秘|取扱注意|{_THAI_APART[0]}(?:เอกสาร)?ลับ{_THAI_APART[1]}"),
+    ("internal", rf"\bINTERNAL\b|(?i:\binternal (?:use )?only\b|\bfor internal use\b|{_CLASS_LABEL}internal\b)"
+                 r"|社内限り|社内限定|社内専用|ใช้ภายในเท่านั้น"),
+    ("public", rf"\bPUBLIC\b|(?i:{_CLASS_LABEL}public\b|\bfor public (?:release|distribution)\b|\bpublicly available\b)"),
+)
 
 
 class _Quarantine(Exception):
@@ -98,7 +110,7 @@ class _Item:
     record: dict
     dedup_text: str  # the content that makes two records the same: a section, or a row's input
     labeled: bool
-    doc_sensitivity: str | None = None  # marks found anywhere in its document (headers included)
+    doc_sensitivity: list[str] | None = None  # [level, marker] of the highest marker anywhere in its document
     raw_text: str = ""  # its messages before PII masking (for the sensitivity marks)
     pii_kinds: list[str] = field(default_factory=list)
     origin: str = ""  # what it was made from, for the review sheet ("section of 412 chars", "row mapped by ...")
@@ -127,6 +139,12 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
     ocr = _ocr_engine(pc.ocr_languages) if pc.ocr else None
     params = {**pc.model_dump(mode="json", exclude={"workers"}), "extract_version": EXTRACT_VERSION, "ocr_engine": ocr,
               "unread_files": {_rel(cfg, p): f"{q}; mtime {p.lstat().st_mtime_ns}" for p, q in unread.items()}}
+    if pc.pii_model is not None:  # a model retrained in the same folder must make prep run again
+        from stillhouse.pii_model import fingerprint
+
+        params["pii_model_files"] = fingerprint(pc.pii_model, Path(cfg.workspace))
+    if pc.document_qa.enabled:  # the teacher writes records: another teacher means other records
+        params["document_qa_teacher"] = [cfg.teacher.model, cfg.teacher.sha256]
     general_input = [general_source(pc.general, cfg.workspace)] if pc.general.share > 0 else []
     run_ = StageRun(cfg, "prep", inputs=[p for p in files if p not in unread] + general_input, params=params)
     if run_.previous:
@@ -146,7 +164,8 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
     cache = out / "resume" / "extract"
     cache.mkdir(parents=True, exist_ok=True)
     mode = "on" if ocr else ("off" if not pc.ocr else "missing")
-    jobs = [(str(p), str(cache / f"{_cache_key(run_, p, mode, pc.ocr_languages)}.json"), mode, pc.ocr_languages)
+    marks = _marks(pc.sensitivity)  # documents are checked for markers as they are read (page headers included)
+    jobs = [(str(p), str(cache / f"{_cache_key(run_, p, mode, pc.ocr_languages, marks)}.json"), mode, pc.ocr_languages, marks)
             for p in files if p not in unread]
     workers = pc.workers or len(os.sched_getaffinity(0))
     quarantined: list[dict] = []
@@ -211,35 +230,57 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
 
     # 5-6: PII and sensitivity ---------------------------------------------------------------------------
     t = time.time()
-    key = _pii_key(cfg) if pc.pii_action == "pseudonymize" else None
+    actions = _pii_actions(pc.pii_action)
+    key = _pii_key(cfg) if "pseudonymize" in actions.values() else None
+    model_spans = _model_spans(cfg, items)  # prep.pii_model's spans, merged with the rules' in _apply_pii
     private: list[dict] = []
     pii_counts: dict[str, int] = {}
     levels: dict[str, int] = {}
+    dropped_pii: dict = {"records": 0, "by_kind": {}, "list": []}  # records holding a value of a `drop` kind
+    excluded: dict[str, dict] = {}  # file -> its records above max_sensitivity
     kept_items, kept_groups, dropped_sensitive = [], [], 0
     max_level = SENSITIVITY_LEVELS.index(pc.max_sensitivity)
-    for item, group in zip(items, groups):
-        found = _apply_pii(item, pc.pii_action, key)
-        level = _sensitivity(item, found)
+    for item, group, extra in zip(items, groups, model_spans):
+        found = _apply_pii(item, actions, key, extra)
+        level, why = _sensitivity(item, found, pc)
         item.record["sensitivity"] = level
         levels[level] = levels.get(level, 0) + 1
+        rec, src = item.record, item.record["source"]
+        # neither kind of left-out record is written, so its PII is not anyone's to probe either (pii_private.json)
+        if drop_kinds := sorted({s.kind for s in found if actions[s.kind] == "drop"}):
+            dropped_pii["records"] += 1
+            for kind in drop_kinds:
+                dropped_pii["by_kind"][kind] = dropped_pii["by_kind"].get(kind, 0) + 1
+            if len(dropped_pii["list"]) < REPORT_LIST:
+                dropped_pii["list"].append({"id": rec["id"], "file": src["file"], "location": src["location"], "kinds": drop_kinds})
+            continue
         if SENSITIVITY_LEVELS.index(level) > max_level:
             dropped_sensitive += 1
-            continue  # never written, so its PII is not anyone's to probe either
+            doc = excluded.setdefault(src["file"], {"file": src["file"], "level": level, "records": 0, "why": []})
+            doc["records"] += 1
+            doc["level"] = max(doc["level"], level, key=SENSITIVITY_LEVELS.index)
+            if why not in doc["why"]:
+                doc["why"].append(why)
+            continue
         for span in found:
-            private.append({"kind": span.kind, "value": span.value, "record_id": item.record["id"]})
+            private.append({"kind": span.kind, "value": span.value, "record_id": rec["id"]})
             pii_counts[span.kind] = pii_counts.get(span.kind, 0) + 1
         kept_items.append(item)
         kept_groups.append(group)
     items, groups = kept_items, kept_groups
+    dropped_pii["by_kind"] = dict(sorted(dropped_pii["by_kind"].items()))
     report["pii"] = {"action": pc.pii_action, "values": len(private), "by_kind": dict(sorted(pii_counts.items())),
-                     "records_with_pii": sum(1 for it in items if it.pii_kinds)}
+                     "records_with_pii": sum(1 for it in items if it.pii_kinds), "dropped": dropped_pii,
+                     "model": None if pc.pii_model is None else {"kind": pc.pii_model.kind, "path": pc.pii_model.path}}
     report["sensitivity"] = {"counts": {lv: levels.get(lv, 0) for lv in SENSITIVITY_LEVELS},
-                             "max": pc.max_sensitivity, "dropped_above_max": dropped_sensitive}
+                             "max": pc.max_sensitivity, "dropped_above_max": dropped_sensitive,
+                             "excluded_documents": sorted(excluded.values(), key=lambda d: d["file"])}
     seconds["pii_and_sensitivity"] = round(time.time() - t, 2)
     if not items:
         raise StillhouseError(
-            f"prep: every record is above prep.max_sensitivity={pc.max_sensitivity} ({dropped_sensitive} dropped); "
-            f"raise it (e.g. --set prep.max_sensitivity=restricted) if these may be used for training"
+            f"prep: no record is left after PII and sensitivity: {dropped_pii['records']} held a PII kind whose "
+            f"prep.pii_action is drop, {dropped_sensitive} were above prep.max_sensitivity={pc.max_sensitivity}; "
+            f"change those settings (e.g. --set prep.max_sensitivity=secret) if these records may be used for training"
         )
 
     # 6b: re-identification risk: QI combinations fewer than k records share (stillhouse.reident) ----------
@@ -252,6 +293,12 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
             report["reident"]["dropped"] = len(reasons) - len(items)
     else:
         (out / "reident.csv").unlink(missing_ok=True)  # a previous run's list is not about these records
+
+    # 6c: QA pairs the teacher writes from document sections (stillhouse.docqa), in their section's group -----
+    if pc.document_qa.enabled:
+        t = time.time()
+        items, groups, report["document_qa"] = _document_qa(cfg, items, groups, out / "resume" / "docqa", actions, key)
+        seconds["document_qa"] = round(time.time() - t, 2)
 
     # 7: split ---------------------------------------------------------------------------------------------
     splits = _split(items, groups, pc.val_fraction, pc.test_fraction, pc.seed)
@@ -269,7 +316,7 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
     if pc.general.share > 0:
         general_train, general_test, report["general"] = general_records(
             pc.general, len(by_split["train"]), cfg.workspace,
-            mask=None if pc.pii_action == "keep" else (lambda text: pii.mask(text, pc.pii_action, key)))
+            mask=None if set(actions.values()) == {"keep"} else (lambda text: _mask_text(text, actions, key)))
         by_split["train"] += general_train
         by_split["test"] += general_test
 
@@ -303,16 +350,72 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
         "train": len(by_split["train"]), "val": len(by_split["val"]), "test": len(by_split["test"]),
         "unlabeled": report["split"]["unlabeled_in_train"],
         "exact_duplicates": report["dedup"]["exact_duplicates"], "near_duplicates": report["dedup"]["near_duplicates"],
-        "dropped_sensitivity": dropped_sensitive, "pii": report["pii"]["by_kind"],
+        "dropped_sensitivity": dropped_sensitive, "dropped_pii": dropped_pii["records"], "pii": report["pii"]["by_kind"],
         "tasks": {t: sum(v[s] for s in ("train", "val", "test")) for t, v in tasks.items()},
     }
     console.print(
         f"prep: {len(files)} files ({len(quarantined)} quarantined) -> {len(items)} records "
         f"(train {metrics['train']}, val {metrics['val']}, test {metrics['test']}); duplicates dropped "
-        f"{metrics['exact_duplicates']} exact + {metrics['near_duplicates']} near; PII {pc.pii_action}: "
-        f"{json.dumps(metrics['pii'])}; report: {out / 'report.json'}"
+        f"{metrics['exact_duplicates']} exact + {metrics['near_duplicates']} near; PII {json.dumps(pc.pii_action)}: "
+        f"{json.dumps(metrics['pii'])}, {dropped_pii['records']} records dropped for it; {dropped_sensitive} above "
+        f"prep.max_sensitivity; report: {out / 'report.json'}"
     )
     return run_.finish(metrics=metrics, data_use=report["data_use"])
+
+
+# ========================================================================================== document QA
+
+
+def _document_qa(cfg: Config, items: list[_Item], groups: list[int], cache: Path, actions: dict[str, str],
+                 key: bytes | None) -> tuple[list[_Item], list[int], dict]:
+    """prep.document_qa: the teacher's grounded QA pairs from every document section (stillhouse.docqa). A pair
+    joins its section's dedup group, so it lands in the same split (no leak through a paraphrase); its text is
+    PII-masked like the rest (the teacher read masked text, but it can invent a name)."""
+    from stillhouse import docqa
+    from stillhouse.licenses import detect_license, license_decision
+    from stillhouse.models import load_tokenizer, resolve_model
+    from stillhouse.records import response_text
+    from stillhouse.stages.label import _load_teacher
+    from stillhouse.ui import progress_bar
+
+    dq = cfg.prep.document_qa
+    sections = [(it, g) for it, g in zip(items, groups) if it.record["task"] == "text" and it.labeled]
+    src = resolve_model(cfg.teacher.model, cfg.workspace, cfg.teacher.sha256)  # the base teacher: adapt comes later
+    gate = license_decision(detect_license(src)["license"], cfg.license)
+    if gate["verdict"] == "stop":
+        raise StillhouseError(f"prep.document_qa: the teacher {cfg.teacher.model} may not write training data: "
+                              f"{gate['reason']}; {gate.get('fix', '')}")
+    tok, model = load_tokenizer(src, cfg.teacher.trust_remote_code), _load_teacher(cfg, src)
+    model.eval()
+    fingerprint = f"{src.path}|{src.path.stat().st_mtime_ns}|{dq.model_dump_json()}|{docqa.QUESTION_PROMPT}|{docqa.ANSWER_PROMPT}"
+    with progress_bar("prep: teacher QA", total=len(sections), unit="section") as advance:
+        pairs, counts = docqa.write_pairs(
+            [{"id": it.record["id"], "title": Path(it.record["source"]["file"]).stem, "text": response_text(it.record)}
+             for it, _ in sections], model, tok, dq, cache, fingerprint, progress=advance)
+    kept, kept_groups = ([], []) if not dq.keep_sections else (list(items), list(groups))
+    if not dq.keep_sections:  # only the tables' records stay; sections are replaced by their pairs
+        kept = [it for it in items if not (it.record["task"] == "text" and it.labeled)]
+        kept_groups = [g for it, g in zip(items, groups) if not (it.record["task"] == "text" and it.labeled)]
+    for it, g in sections:
+        for n, pair in enumerate(pairs.get(it.record["id"], [])):
+            q, q_spans = _mask_text(pair["question"], actions, key)
+            a, a_spans = _mask_text(pair["answer"], actions, key)
+            if any(actions[sp.kind] == "drop" for sp in q_spans + a_spans):
+                counts["rejected"]["holds a PII kind whose prep.pii_action is drop"] = (
+                    counts["rejected"].get("holds a PII kind whose prep.pii_action is drop", 0) + 1)
+                counts["kept"] -= 1
+                continue
+            rec = {"id": f"{it.record['id']}-qa{n}", "task": "qa",
+                   "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                   "source": it.record["source"], "sensitivity": it.record.get("sensitivity"),
+                   "provenance": {"generated_by": "teacher", "teacher": str(src.path), "section_id": it.record["id"],
+                                  "sample": pair["sample"]}}
+            new = _Item(rec, f"{q}\n{a}", labeled=True, origin=f"teacher-written QA pair from {it.record['id']}",
+                        pii_kinds=sorted({s.kind for s in q_spans + a_spans} | set(it.pii_kinds)))
+            kept.append(new)
+            kept_groups.append(g)
+    del model
+    return kept, kept_groups, counts
 
 
 # ============================================================================================= canaries
@@ -455,16 +558,17 @@ def _ocr_engine(languages: str) -> str | None:
     return version or "tesseract"
 
 
-def _cache_key(run_: StageRun, path: Path, ocr_mode: str, ocr_languages: str) -> str:
-    """What a file's extraction depends on: its bytes, its type, the extractors' version and the OCR setup
-    (a scan quarantined for want of tesseract is read again once it is installed). Settings applied after
-    extraction (chunk_chars, tables, ...) are not in it: a crashed run resumed with other settings re-uses it."""
+def _cache_key(run_: StageRun, path: Path, ocr_mode: str, ocr_languages: str, marks: tuple) -> str:
+    """What a file's extraction depends on: its bytes, its type, the extractors' version, the OCR setup
+    (a scan quarantined for want of tesseract is read again once it is installed) and the sensitivity markers.
+    Settings applied after extraction (chunk_chars, tables, ...) are not in it: a crashed run resumed with other
+    settings re-uses it."""
     try:
         key = str(path.relative_to(run_.workspace))  # as StageRun hashed it
     except ValueError:
         key = str(path)
     sha = run_.inputs.get(key) or run_.cache.sha256(path)
-    what = [sha, path.suffix.lower(), EXTRACT_VERSION, ocr_mode, ocr_languages if ocr_mode == "on" else ""]
+    what = [sha, path.suffix.lower(), EXTRACT_VERSION, ocr_mode, ocr_languages if ocr_mode == "on" else "", marks]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
@@ -483,17 +587,17 @@ def _mapper(workers: int, n_jobs: int):
         yield lambda fn, jobs: pool.imap(fn, jobs, chunksize=1)
 
 
-def _extract_file(job: tuple[str, str, str, str]) -> dict:
+def _extract_file(job: tuple[str, str, str, str, tuple]) -> dict:
     """One file -> {"documents": [...]}, {"table": {"rows", "columns"}} or {"quarantine": reason, "kind"}
     (JSON-able: it crosses processes and is cached). Runs in a worker; the result is written to the cache file
     as soon as it exists, and read from there if it does already."""
-    path, cache_file, ocr_mode, ocr_languages = job
+    path, cache_file, ocr_mode, ocr_languages, marks = job
     try:
         return {**json.loads(Path(cache_file).read_text(encoding="utf-8")), "cached": True}
     except (OSError, ValueError):
         pass
     try:
-        res = _extract(Path(path), ocr_mode, ocr_languages)
+        res = _extract(Path(path), ocr_mode, ocr_languages, marks)
     except _Quarantine as q:
         res = {"quarantine": str(q), "kind": q.kind}
     except Exception as e:  # a reader tripped on input nobody foresaw: that file goes to quarantine, not the run
@@ -502,7 +606,7 @@ def _extract_file(job: tuple[str, str, str, str]) -> dict:
     return res
 
 
-def _extract(path: Path, ocr_mode: str, ocr_languages: str) -> dict:
+def _extract(path: Path, ocr_mode: str, ocr_languages: str, marks: tuple) -> dict:
     suffix = path.suffix.lower()
     if suffix not in DOCUMENT_TYPES and suffix not in TABLE_TYPES:
         raise _Quarantine("unsupported type", f"unsupported file type '{path.suffix or path.name}'; supported: {SUPPORTED}")
@@ -516,8 +620,8 @@ def _extract(path: Path, ocr_mode: str, ocr_languages: str) -> dict:
         rows, columns = _read_xlsx(data) if suffix == ".xlsx" else _read_table(data, jsonl=suffix == ".jsonl")
         return {"table": {"rows": rows, "columns": columns}}
     if suffix == ".eml":
-        return {"documents": _read_eml(data, path.name, ocr_mode, ocr_languages)}
-    return {"documents": [_read_document(path.name, data, ocr_mode, ocr_languages)]}
+        return {"documents": _read_eml(data, path.name, ocr_mode, ocr_languages, marks)}
+    return {"documents": [_read_document(path.name, data, ocr_mode, ocr_languages, marks)]}
 
 
 def _decode(data: bytes) -> str:
@@ -530,9 +634,9 @@ def _decode(data: bytes) -> str:
 # ============================================================================================ documents
 
 
-def _read_document(name: str, data: bytes, ocr_mode: str, ocr_languages: str, where: str = "") -> dict:
-    """A document file's bytes -> {"name", "title", "blocks": [[text, location, heading]], "level" (its
-    sensitivity marks), page and furniture counts}. `where` prefixes locations ("attachment a.pdf, ")."""
+def _read_document(name: str, data: bytes, ocr_mode: str, ocr_languages: str, marks: tuple, where: str = "") -> dict:
+    """A document file's bytes -> {"name", "title", "blocks": [[text, location, heading]], "level" ([level,
+    marker] of its highest sensitivity marker, or None), page and furniture counts}. `where` prefixes locations ("attachment a.pdf, ")."""
     suffix = Path(name).suffix.lower()
     counts: dict[str, int] = {}
     if suffix == ".pdf":
@@ -546,7 +650,7 @@ def _read_document(name: str, data: bytes, ocr_mode: str, ocr_languages: str, wh
     if not blocks:
         raise _Quarantine("empty", "no text in it")
     return {"name": name, "title": title, "blocks": [[b.text, where + b.location, b.heading] for b in blocks],
-            "level": _marks_level(raw), **counts}
+            "level": _marks_level(raw, marks), **counts}
 
 
 def _document_items(rel: str, stem: str, first: int, doc: dict, boilerplate: set[str], pc, extract: dict,
@@ -913,7 +1017,7 @@ def _xlsx_cell(value) -> str:
 # ============================================================================================== e-mail
 
 
-def _read_eml(data: bytes, name: str, ocr_mode: str, ocr_languages: str) -> list[dict]:
+def _read_eml(data: bytes, name: str, ocr_mode: str, ocr_languages: str, marks: tuple) -> list[dict]:
     """An .eml file -> its body as one document titled by the subject (text/plain preferred, else the HTML
     part's main content), plus one document per attachment of a supported type; other attachments are
     listed under "skipped". The sender and recipients are not training text and are left out."""
@@ -941,7 +1045,7 @@ def _read_eml(data: bytes, name: str, ocr_mode: str, ocr_languages: str) -> list
     docs = []
     if blocks:
         docs.append({"name": name, "title": subject or None, "blocks": [[b.text, b.location, b.heading] for b in blocks],
-                     "level": _marks_level(subject + "\n" + raw)})
+                     "level": _marks_level(subject + "\n" + raw, marks)})
     skipped = []
     for fname, payload in attachments:
         suffix = Path(fname).suffix.lower()
@@ -949,7 +1053,7 @@ def _read_eml(data: bytes, name: str, ocr_mode: str, ocr_languages: str) -> list
             skipped.append(f"attachment {fname}: unsupported type")
             continue
         try:
-            docs.append({**_read_document(fname, payload, ocr_mode, ocr_languages, where=f"attachment {fname}, "),
+            docs.append({**_read_document(fname, payload, ocr_mode, ocr_languages, marks, where=f"attachment {fname}, "),
                          "attached": True})
         except _Quarantine as q:
             skipped.append(f"attachment {fname}: {q}")
@@ -1023,36 +1127,108 @@ def _deduplicate(items: list[_Item], threshold: float) -> tuple[list[_Item], lis
     return [items[i] for i in kept], [groups.find(p) for p in range(len(kept))], report
 
 
-def _apply_pii(item: _Item, action: str, key: bytes | None) -> list[pii.Span]:
-    """Mask/pseudonymize every non-system message in place; returns the originals found, in message order
-    (the redteam stage pairs the k-th value of a kind with the k-th mask of that kind)."""
+def _pii_actions(action: str | dict[str, str]) -> dict[str, str]:
+    """`prep.pii_action` (one action, or {kind: action, default: ...}) -> the action for every PII kind."""
+    if isinstance(action, str):
+        return dict.fromkeys(pii.KINDS, action)
+    return {kind: action.get(kind, action.get("default", "mask")) for kind in pii.KINDS}
+
+
+def _mask_text(text: str, actions: dict[str, str], key: bytes | None,
+               model_spans: list[pii.Span] | None = None) -> tuple[str, list[pii.Span]]:
+    """pii.mask with an action per kind and the NER backend's spans merged in (pii_model.merge). Values of a
+    `drop` kind are masked like `mask` (the caller drops their record). Returns (new text, spans found)."""
+    spans = pii.find_pii(text)
+    if model_spans:
+        from stillhouse.pii_model import merge
+
+        spans = merge(spans, model_spans)
+    pieces, pos = [], 0
+    for s in spans:
+        action = actions[s.kind]
+        pieces += [text[pos : s.start], s.value if action == "keep" else
+                   pii.pseudonym(s.kind, s.value, key) if action == "pseudonymize" else f"[{s.kind}]"]
+        pos = s.end
+    pieces.append(text[pos:])
+    return "".join(pieces), spans
+
+
+def _apply_pii(item: _Item, actions: dict[str, str], key: bytes | None,
+               model_spans: list[list[pii.Span]] | None) -> list[pii.Span]:
+    """Mask/pseudonymize every non-system message in place (`model_spans`: the NER backend's, one list per
+    non-system message, or None); returns the originals found, in message order (the redteam stage pairs the
+    k-th value of a kind with the k-th mask of that kind)."""
     found: list[pii.Span] = []
     item.raw_text = "\n".join(m["content"] for m in item.record["messages"])  # for the sensitivity marks
-    for msg in item.record["messages"]:
-        if msg["role"] == "system":
-            continue  # written by whoever configured the task, not data
-        new, spans = pii.mask(msg["content"], action, key)
-        msg["content"] = new
+    user_turns = [m for m in item.record["messages"] if m["role"] != "system"]  # system: whoever configured the task
+    for k, msg in enumerate(user_turns):
+        msg["content"], spans = _mask_text(msg["content"], actions, key, model_spans[k] if model_spans else None)
         found += spans
     item.pii_kinds = sorted({s.kind for s in found})
     return found
 
 
-def _marks_level(text: str) -> str | None:
-    for level, rx in _MARKS:
-        if rx.search(text):
-            return level
+def _model_spans(cfg: Config, items: list[_Item]) -> list[list[list[pii.Span]] | None]:
+    """The NER backend's spans (prep.pii_model) per item, per non-system message; None per item without one."""
+    if cfg.prep.pii_model is None:
+        return [None] * len(items)
+    from stillhouse import pii_model
+
+    detector = pii_model.load(cfg.prep.pii_model, Path(cfg.workspace))
+    turns = [[m["content"] for m in it.record["messages"] if m["role"] != "system"] for it in items]
+    flat = iter(detector.find([t for ts in turns for t in ts]))  # one batched pass over every text
+    return [[next(flat) for _ in ts] for ts in turns]
+
+
+def _marks(sc) -> tuple[tuple[str, str], ...]:
+    """(level, regex source) pairs, highest level first: the built-in marks (if on) and `prep.sensitivity.markers`,
+    each matched as written, and a marker that starts or ends with a Latin letter or digit not inside a longer
+    word ("SECRET" is not a mark in "SECRETARY"; "部外秘" is one anywhere, as Japanese has no spaces)."""
+    out = []
+    for level in reversed(SENSITIVITY_LEVELS):
+        parts = [src for lv, src in _MARKS if lv == level] if sc.builtin_markers else []
+        for m in sc.markers.get(level, []):
+            before = r"(?<![A-Za-z0-9])" if m[:1].isascii() and m[:1].isalnum() else ""
+            after = r"(?![A-Za-z0-9])" if m[-1:].isascii() and m[-1:].isalnum() else ""
+            parts.append(before + re.escape(m) + after)
+        if parts:
+            out.append((level, "|".join(f"(?:{p})" for p in parts)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(marks: tuple[tuple[str, str], ...]) -> list[tuple[str, re.Pattern]]:
+    return [(level, re.compile(src)) for level, src in marks]
+
+
+def _marks_level(text: str, marks: tuple[tuple[str, str], ...]) -> list[str] | None:
+    """[level, the marker found] of the highest level marked in `text` (markers are not personal data, so the
+    report may name them), or None."""
+    for level, rx in _compiled(marks):
+        if m := rx.search(text):
+            return [level, m.group(0)]
     return None
 
 
-def _sensitivity(item: _Item, found: list[pii.Span]) -> str:
-    """The highest of: the document's marks, the record's own marks, and "confidential" if it held PII."""
-    candidates = [lv for lv in (item.doc_sensitivity, _marks_level(item.raw_text)) if lv]
+def _sensitivity(item: _Item, found: list[pii.Span], pc) -> tuple[str, str]:
+    """(level, why): the highest of the document's markers, the record's own, its folder's rule
+    (prep.sensitivity.folders) and its PII density (prep.sensitivity.pii_density); `default` if none says."""
+    sc = pc.sensitivity
+    candidates = []  # (level, why)
+    if item.doc_sensitivity:
+        candidates.append((item.doc_sensitivity[0], f"marker '{item.doc_sensitivity[1]}' in its document"))
+    if own := _marks_level(item.raw_text, _marks(sc)):
+        candidates.append((own[0], f"marker '{own[1]}'"))
+    rel = item.record["source"]["file"]
+    candidates += [(r.level, f"folder rule prep.sensitivity.folders '{r.pattern}'") for r in sc.folders
+                   if register.covers(r.pattern, rel)]
     if found:
-        candidates.append("confidential")
+        per_1000 = 1000 * len(found) / max(1, len(item.raw_text))  # PII values per 1,000 characters
+        candidates += [(lv, f"PII density >= {x:g} per 1,000 chars (prep.sensitivity.pii_density.{lv})")
+                       for lv, x in sc.pii_density.items() if per_1000 >= x]
     if not candidates:
-        return DEFAULT_SENSITIVITY
-    return max(candidates, key=SENSITIVITY_LEVELS.index)
+        return sc.default, f"default (prep.sensitivity.default {sc.default})"
+    return max(candidates, key=lambda c: SENSITIVITY_LEVELS.index(c[0]))
 
 
 def _pii_key(cfg: Config) -> bytes:
@@ -1129,6 +1305,7 @@ def _write_review(out: Path, items: list[_Item], splits: list[str], pc, report: 
     where each record came from, why it was kept, how sensitive it is, which PII kinds were replaced, and the
     text as it will be trained on."""
     dup_counts = {c["kept"]: len(c["exact"]) + len(c["near"]) for c in report["dedup"].get("clusters", [])}
+    actions = _pii_actions(pc.pii_action)
     rows = []
     at_risk = [i for i, it in enumerate(items) if it.reident][: pc.review_sample_size]  # first, then the sample
     for i in at_risk + [i for i in _review_sample(items, pc.review_sample_size, pc.seed) if not items[i].reident]:
@@ -1136,7 +1313,8 @@ def _write_review(out: Path, items: list[_Item], splits: list[str], pc, report: 
         dups = dup_counts.get(rec["id"], 0)
         kept = [it.origin, f"kept over {dups} duplicate(s)" if dups else "no earlier duplicate",
                 f"sensitivity {rec['sensitivity']} <= prep.max_sensitivity {pc.max_sensitivity}",
-                f"PII {pc.pii_action}: {', '.join(it.pii_kinds)}" if it.pii_kinds else "no PII found"]
+                "; ".join(f"PII {a}: {', '.join(k for k in it.pii_kinds if actions[k] == a)}"
+                          for a in dict.fromkeys(actions[k] for k in it.pii_kinds)) if it.pii_kinds else "no PII found"]
         kept += [it.reident] if it.reident else []
         text = "\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"] if m["role"] != "system")
         rows.append({"id": rec["id"], "split": splits[i], "task": rec["task"], "file": rec["source"]["file"],

