@@ -10,13 +10,16 @@ CARD (Luhn-checked), IBAN (mod-97 and country length checked), SSN (US), MY_NUMB
 THAI_ID (Thai national ID, mod-11 checksum), IP (v4/v6), URL (only URLs that name a person: /users/jsmith,
 /~jsmith, ?email=...), DOB (a date after "born on", "DOB", ...), ADDRESS (house number + street suffix, European
 street words, post boxes, words + number after "address:" / "lives on" / "at", "56 rue La Boétie", an "Address:"
-form field, "A and <street>", then the unit, town, state, postcode and country lines after it, across bullets;
+form field, "A and <street>", "at <number> <unknown words>", a street without a number after "on" / "at"
+("lives on Baker Street"), Italian, Polish and Hungarian street types, then the unit, town, state, postcode
+(US, EU, Dutch, Polish, Canadian, UK, "H-7317") and country lines after it, across bullets;
 Japanese 丁目 and Thai ถนน/ซอย forms), PERSON (after titles and context words like "Name:",
 "contact", "employee"; or capitalized words holding a given or family name from Faker's lists for ~80 locales
 (data/pii/, read at the first call), a middle initial, or a Slavic/Nordic/Georgian/... family-name ending; a
 name's words again later in the text; lowercase given + family name pairs; any name-like words in a strong
 position: dialogue speaker labels "Ubul: ...", a list after "founders:", before "lives on" / "was born", the first
-line of a contact block, a possessive, "X, can you ...", after a letter's closing line or "and" next to a name;
+line of a contact block, a possessive, "X, can you ...", after a letter's closing line, a greeting or a relative
+("my wife X"), before a verb only people take ("X grew up"), or "and" next to a name;
 capitalized words that are no English word (SmolLM2's vocabulary as the lexicon, data/pii/english_words.txt) in
 a person's slot; all-lowercase text searched with its initials capitalized; Japanese and Thai forms).
 Bench: `bench/pii.py` (precision/recall/F2 on presidio-research's set and on our en/ja/th gold set).
@@ -197,12 +200,16 @@ _ADDRESS_US = re.compile(
     rf"(?P<unit>{_UNIT})?(?P<tail>{_CITY_TAIL})?"
 )
 # European: "Augsburger Strasse 36", "Snellmaninkatu 55", "Rue de Tanger 29", "Avenida Pedro Ulisses 888".
+# a house number, also with a building or flat after it: "47-26", "08/37", "9a/0"
+_HOUSE_NUMBER = r"\d{1,5}[a-zA-Z]?(?:[/\-]\d{1,4}[a-zA-Z]?)?(?![\w\-/])"
 _ADDRESS_EU = re.compile(
     r"(?<![\w\-/.])(?:\d{1,6}[ \t]+)?(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*(?:strasse|straße|str\.|gasse|weg|allee|platz|katu|tie|kuja|gatan|vägen|"
     r"väg|vej|vegen|veien|gate|gata|gade|stræti|vegur|straat|laan|plein|utca|ulica|tér|braut)|[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*[ \t](?:Strasse|Straße|Str\.|"
-    r"Gasse|Weg|Allee|Platz|Ring|Damm|Ufer|Straat|Laan|Vej|[Tt]errasse|[Vv]ei|[Gg]ate)|(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*[ \t]){1,2}u\.|(?:Rue|Avenue|Avenida|Rua|Calle|Carrer|Via|Viale|"
-    r"Piazza|Corso|ul\.|Plac|Aleja|Boulevard)(?:[ \t]+(?:de|du|da|do|dos|das|del|della|di|des|la|le|d'))?(?:[ \t]+"
-    r"[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*){1,4})[ \t]+\d{1,5}[a-zA-Z]?(?![\w\-/])"
+    r"Gasse|Weg|Allee|Platz|Ring|Damm|Ufer|Straat|Laan|Vej|[Tt]errasse|[Vv]ei|[Gg]ate)|(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*[ \t]){1,2}(?:u\.|(?:[a-zà-ÿ]+[ \t])?(?:utca|útja|út|körút|tér|köz|sor)(?![\w\-]))|(?:Rue|Avenue|Avenida|Rua|Calle|Carrer|Via|Viale|"
+    r"Piazza|Piazzale|Largo|Vicolo|Strada|Borgo|Contrada|Corso|Travessa|Avinguda|Passeig|Paseo|Camino|ul\.|pl\.|al\.|Plac|"
+    r"plac|Aleja|Boulevard)(?:[ \t]+(?:de|du|da|do|dos|das|del|della|di|des|la|le|d'))?(?:[ \t]+"
+    # the house number, also "47-26", "08/37" (building / flat) and after a comma ("Strada Taliercio, 47")
+    r"[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*){1,4}),?[ \t]+" + _HOUSE_NUMBER +
     rf"(?P<unit>{_UNIT})?"
 )
 # Post boxes and US military mail: "P.O. Box 287", "PSC 0413, Box 8144\nAPO AA 42323", "Unit 4719 Box 7394".
@@ -224,21 +231,34 @@ _ADDRESS_CONTEXT = re.compile(
 # _find_addresses): an address tail, a street word after it, or (with the leading number) "at" / "to" before it.
 # Two patterns, searched separately, so that "Off At 74678" cannot take the number of "74678 Midtvollen 130".
 _ADDRESS_NUMBERED = re.compile(
-    r"(?<![\w\-/.,])\d{1,6}[ \t]+[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*\.?(?:[ \t]+[^\W\d_][\w'\-]*\.?){0,5}?[ \t]+\d{1,5}[a-zA-Z]?(?![\w\-/])"
+    r"(?<![\w\-/.,])\d{1,6}[ \t]+[A-ZÀ-ÞĀ-ɏͰ-Ͽ][\wÀ-ɏ'\-]*\.?(?:[ \t]+[^\W\d_][\w'\-]*\.?){0,5}?[ \t]+" + _HOUSE_NUMBER
 )
 _ADDRESS_NAME_NUMBER = re.compile(  # also Greek ("Πλατεία Συντάγματος 204") and Spanish "C/ Señores Curas 88"
     r"(?<![\w\-/.,])(?:C/[ \t]*)?[A-ZÀ-ÞĀ-ɏͰ-Ͽ][\w'\-]*\.?(?:[ \t]+(?:[A-ZÀ-ÞĀ-ɏͰ-Ͽ][\w'\-]*\.?|de|del|la|le|da|do|di|e|u|van|von)){0,3}?"
-    r"[ \t]+\d{1,5}[a-zA-Z]?(?![\w\-/])"
+    r"[ \t]+" + _HOUSE_NUMBER
 )
 # House number, then the street type, then its name, as French, Spanish, Italian and Portuguese write it:
 # "56 rue La Boétie", "33 avenue de Provence", "12 Calle Mayor" (the type may be lowercase)
 _ADDRESS_TYPE_FIRST = re.compile(  # (a postcode or building number may come first: "143 31 rue de la Hulotais")
-    r"(?<![\w\-/.])(?:\d{1,6}[ \t]+)?\d{1,5}[ \t]+(?i:rue|avenue|av\.|avenida|avda\.|rua|calle|c/|carrer|via|viale|piazza|"
+    r"(?<![\w\-/.])(?:\d{1,6}[ \t]+)?\d{1,5},?[ \t]+(?i:rue|avenue|av\.|avenida|avda\.|rua|calle|c/|carrer|via|viale|piazza|"
     r"corso|boulevard|bd\.?|chemin|place|all[ée]e|impasse|quai)[ \t]+(?:(?:de|du|da|do|dos|das|del|della|di|des|la|le|d')[ \t]+)*"
     r"(?!(?:Apt|Suite|Unit)\b)[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*(?:[ \t]+(?:(?!(?:Apt|Suite|Unit)\b)[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*|de|du|da|do|del|la|le)){0,3}"
     r"(?<![ \t])"
 )
+# A house number (and a building or postcode number before it) then a street name with no street word, ending the
+# clause or before a lowercase "street": "The restaurant is at 9816 214 Pavlou Drandaki." Only after "at" / "to" /
+# "on" and only words that are no English word (see _find_addresses_cased), so "at 5 Guys" or "to 3 Kids Club" stay.
+_ADDRESS_NUMBER_NAME = re.compile(
+    r"(?<![\w\-/.,])\d{1,6}(?:[ \t]+\d{1,5})?(?P<words>(?:[ \t]+[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*){1,3})(?![\w\-])"
+)
+# A street without a house number after "on" / "at": "she lives on Baker Street", "the shop on Alder Lane" (a strong
+# street word only; not "on Wall Street" or "on Marina Fort Street", whose name already holds a street word).
+_ADDRESS_STREET_ONLY = re.compile(
+    rf"\b(?:on|at)[ \t]+(?P<addr>(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*[ \t]+){{1,3}}(?:{_STRONG_SUFFIX})\b\.?)"
+)
 _STREET_AFTER = re.compile(r"\.?[ \t]+(?:St|Street|Rd|Road|Ave|Avenue)\b")
+_AFTER_HOUSE_NUMBER = re.compile(r"[ \t]*(?:[,;!?\n]|\.(?!\d)|$)|[ \t]+(?:in|on|for|and|or|by|before|after|if|when|please)\b")
+_STREET_AFTER_LOWER = re.compile(r"[ \t]+(?:street|road|avenue)\b")  # "lives on 69 Av Sidi Lakhmi street"
 _ADDRESS_CUE_BEFORE = re.compile(r"(?i:\b(?:at|to|on|into)[ \t]+(?:[A-Z][\w\-]*,[ \t]+)?)$")  # "at Locavore, 641 ..."
 # A form field: "Address:" and the address on the same or the next line, to the end of that line.
 _ADDRESS_LABEL = re.compile(
@@ -254,15 +274,17 @@ _NOT_PLACE = frozenset(
 )
 # where a clause ends: a town there closes the address ("..., Marshland", "... Suite 980 Reichenbach.")
 _CLAUSE_END = re.compile(r"[ \t]*(?:[.?!;]?[ \t]*(?:\n|$)|[.?!;][ \t]+[A-Z])")
-# "Wesselényi u. 94.\n Suite 741", "Muel\n, Z\n 16518" (the comma starts the next line), and list bullets at line
+# "Wesselényi u. 94.\n Suite 741", "Victor Hugo u. 49. Suite 638", "Muel\n, Z\n 16518" (the comma starts the next line), and list bullets at line
 # starts ("\n• Apt. 050", "\n??? Broomfield": "???" is how a bullet reads after a lossy encoding)
-_TAIL_SEP = re.compile(r"\.?[ \t]*(?:,[ \t]*\n?|\n(?:[ \t]*,)?)[ \t\n]*(?:[?•·*▪►][?•·*▪►]*[ \t]+)?|[ \t]+")
+_TAIL_SEP = re.compile(
+    r"\.?[ \t]*(?:,[ \t]*\n?|\n(?:[ \t]*,)?)[ \t\n]*(?:[?•·*▪►][?•·*▪►]*[ \t]+)?|[ \t]+|\.[ \t]+(?=(?i:Apt|Apartment|Suite|Ste|Unit)\b)"
+)
 _PLACE_WORD = r"[A-ZÀ-ÖØ-ÞĀ-ɏͰ-Ͽ∆][\wÀ-ɏͰ-Ͽ∆'.\-]*"  # Latin and Greek capitals ("ΑΓΙΟΣ ∆ΟΜΕΤΙΟΣ" uses U+2206)
 _TAIL_PART = re.compile(
-    r"(?P<unit>(?i:Apt\.?|Apartment|Suite|Ste\.?|Unit|Floor|Fl\.?|Room|Rm\.?|#)[ \t]*#?\d[\w\-]{0,5})(?![\w\-])"
-    r"|(?P<zip>\d{4,6}(?:-\d{3,4})?|\d{3}[ ]\d{2}|[A-Z]\d[A-Z][ ]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ ]\d[A-Z]{2})(?![\w\-])"
+    r"(?P<unit>(?i:Apt\.?|Apartment|Appartamento|Piano|Interno|Suite|Ste\.?|Unit|Floor|Fl\.?|Room|Rm\.?|#)[ \t]*#?\d[\w\-]{0,5})(?![\w\-])"
+    r"|(?P<zip>(?:[A-Z]{1,2}-)?\d{4,6}(?:-\d{3,4})?|\d{4}[ ]?[A-Z]{2}|\d{2}-\d{3}|\d{3}[ ]\d{2}|[A-Z]\d[A-Z][ ]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ ]\d[A-Z]{2})(?![\w\-])"
     # a region code of 1-3 letters ("CO", "VWV", "Z") counts only with a postcode after it
-    r"|(?P<state>[A-Z]{1,3})(?=[ \t]*\n?[ \t]+\d{4,6}(?![\w\-]))"
+    r"|(?P<state>[A-Z]{1,3})(?=,?[ \t]*\n?[ \t]+(?:\d{4,6}|[A-Z]\d[A-Z][ ]?\d[A-Z]\d)(?![\w\-]))"
     rf"|(?P<place>{_PLACE_WORD}(?:[ \t]+(?:(?:de|del|la|le|di|da|du|van|von|nad|na|u)(?![\w'])|{_PLACE_WORD})){{0,3}}"
     r"(?:[ \t]+\([^()\n]{1,30}\))?)"  # "Cyprus (Greek)", "ΑΓΛΑΝΤΖΙΑ (ΑΓΛΑΓΓΙΑ)"
 )
@@ -306,6 +328,21 @@ _PERSON_CONTEXT_BEFORE = re.compile(
     r"signed by|follow up with|speak to|speak with|meet with|on behalf of)\b[ \t]*[,:\-]?[ \t\n]*"
     r"|\b(?:best|cheers|warmly|cordially|yours),[ \t]*\n[ \t]*)$"  # the closing line of a letter, then the name
 )
+# Greetings and the people closest to someone, the same way: "Congratulations Dzhambek", "my wife Quionia". A set of
+# the last one or two words before the name, not more alternatives in the regex above, which runs for every
+# capitalized word (this keeps find_pii's speed).
+_PERSON_NOUNS = frozenset(
+    """congratulations congrats goodbye bye greetings friend wife husband son daughter mother father mom mum dad brother
+    sister cousin nephew niece grandson granddaughter grandmother grandfather boyfriend girlfriend fiance fiancee fiancé
+    fiancée boss neighbor neighbour roommate classmate teammate landlord landlady tenant mentor""".split()
+) | {"happy birthday", "good morning", "good afternoon", "good evening", "good night"}
+
+
+def _person_noun_before(before: str) -> bool:
+    words = before.rstrip(" \t\n,:-").lower().split()[-2:]
+    return bool(words) and (words[-1] in _PERSON_NOUNS or " ".join(words) in _PERSON_NOUNS)
+
+
 # ... and after it: "Trivo lives on ...", "Maslin said", "Gerth had given"
 _PERSON_VERB_AFTER = re.compile(
     r"[ \t]+(?:said|says|told|asked|wrote|replied|added|explained|lives|lived|works|worked|moved|joined|left|"
@@ -314,6 +351,13 @@ _PERSON_VERB_AFTER = re.compile(
 # At the start of a line any capitalized word stands ("Nginx said", "Kubernetes is from Google"): there only
 # verbs that a product or a firm cannot take count ("Trivo lives on ...").
 _PERSON_VERB_AT_START = re.compile(r"[ \t]+(?:lives|lived|(?:has|had|was|is)[ \t]+(?:given|born|married))\b")
+# Verbs of feeling, thinking and life events: only people take them, but a product name may be an English word
+# ("Docker wants more memory"), so they count for a name that is no English word: "Quionia grew up in Oslo".
+_PERSON_ONLY_VERB_AFTER = re.compile(
+    r"[ \t]+(?:thinks|thought|feels|felt|grew[ \t]+up|studied|graduated|loves|loved|hates|hated|likes|liked|wants|"
+    r"wanted|hopes|hoped|wishes|wished|smiled|laughed|cried|died|divorced|(?:is|was)[ \t]+(?:married|engaged|pregnant)"
+    r")\b"
+)
 # Chat transcripts: "Ubul: What a wife.\nNicole: Really?": a line that starts with one or two name-like words and
 # a colon and a capitalized utterance is a speaker label when another line of the text starts the same way (one
 # "Note: ..." line is not); the usual log and form labels ("Warning: Disk full") never are.
@@ -574,13 +618,13 @@ _INTERSECTION_BEFORE = re.compile(r"(?:\b(?:at|to|on|is)[ \t]+|[:\n][ \t]*)([A-Z
 def _find_addresses_cased(text: str) -> list[Span]:
     out = []
     for m in _ADDRESS_US.finditer(text):
-        num = m.group("num")
-        if m.group("weak") and not (m.group("unit") or m.group("tail")) and (len(num) < 3 or re.fullmatch(r"(?:19|20)\d\d", num)):
-            continue  # "3 Data Centers", "in 2023 Acme Park": a weak suffix needs a real-looking house number
+        num, end = m.group("num"), _address_tail(text, m.end())
+        if (m.group("weak") and not (m.group("unit") or m.group("tail")) and end == m.end()
+                and (len(num) < 3 or re.fullmatch(r"(?:19|20)\d\d", num))):
+            continue  # "3 Data Centers", "in 2023 Acme Park": a weak suffix needs a real-looking house number or a tail
         words = m.group()[len(m.group("num")) :].split()
         if any(w.isupper() and len(w) > 3 for w in words):  # "12 MONTHS FREE Way" is a heading, not an address
             continue
-        end = _address_tail(text, m.end())
         out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
     for rx in (_ADDRESS_EU, _ADDRESS_BOX, _ADDRESS_TYPE_FIRST):
         for m in rx.finditer(text):
@@ -589,12 +633,30 @@ def _find_addresses_cased(text: str) -> list[Span]:
     for m in _ADDRESS_CONTEXT.finditer(text):
         end = _address_tail(text, m.end("addr"))
         out.append(Span(m.start("addr"), end, "ADDRESS", text[m.start("addr") : end]))
+    gaz = _gazetteers()
     for rx in (_ADDRESS_NUMBERED, _ADDRESS_NAME_NUMBER):  # "20789 Allika 46": an address only with more evidence
         for m in rx.finditer(text):
+            if re.search(r"\d[/\-]\d+$", m.group()) and re.search(r"[A-Z]{4}", m.group()):
+                continue  # "INCUBATE 24/7 NETWORKS": a heading with a time span, not "Rustring 14-78"
             end = _address_tail(text, m.end())
-            if (end > m.end() or _STREET_AFTER.match(text, m.end())
-                    or (rx is _ADDRESS_NUMBERED and _ADDRESS_CUE_BEFORE.search(text, max(0, m.start() - 40), m.start()))):
+            ok = end > m.end() or bool(_STREET_AFTER.match(text, m.end()))
+            if not ok:
+                cue = _ADDRESS_CUE_BEFORE.search(text, max(0, m.start() - 40), m.start())
+                # without a leading number, "at" / "to" count for a name of no English words and a house number
+                # that ends a clause or comes before a preposition: "return to Leon and Eyrarodda 66 in case" (not
+                # "go to Chapter 5", "Python 3.12", "Zigbee 3 mode", "moved to Gdańsk 2 years ago")
+                ok = bool(cue) if rx is _ADDRESS_NUMBERED else bool(
+                    (cue or _INTERSECTION_BEFORE.search(text, max(0, m.start() - 40), m.start()))
+                    and _AFTER_HOUSE_NUMBER.match(text, m.end())
+                    and all(_unknown_word(w, gaz) for w in re.findall(r"[^\W\d_][\w'\-]*", m.group())))
+            if ok:
                 out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
+    for m in _ADDRESS_NUMBER_NAME.finditer(text):
+        words = m.group("words").split()
+        if (_ADDRESS_CUE_BEFORE.search(text, max(0, m.start() - 40), m.start())
+                and (_CLAUSE_END.match(text, m.end()) or _STREET_AFTER_LOWER.match(text, m.end()))
+                and all((_unknown_word(w, gaz) or w in _STREET_WORDS) and w not in _NOT_PLACE for w in words)):
+            out.append(Span(m.start(), m.end(), "ADDRESS", m.group()))
     for m in _ADDRESS_LABEL.finditer(text):
         out.append(Span(m.start("addr"), m.end("addr"), "ADDRESS", m.group("addr")))
     for rx in (_ADDRESS_JA, _ADDRESS_TH, _ADDRESS_CORNER):
@@ -608,16 +670,27 @@ def _find_addresses_cased(text: str) -> list[Span]:
     return out
 
 
+def _find_streets(text: str) -> list[Span]:
+    """Streets named without a house number ("lives on Baker Street"); searched in texts without digits too."""
+    out = []
+    for m in _ADDRESS_STREET_ONLY.finditer(text):
+        words = m.group("addr").split()
+        if not any(w in _NOT_PLACE or w in _NOT_NAME or w in _STREET_WORDS for w in words[:-1]):
+            value = m.group("addr").rstrip(".")
+            out.append(Span(m.start("addr"), m.start("addr") + len(value), "ADDRESS", value))
+    return out
+
+
 def _address_tail(text: str, pos: int) -> int:
     """Where an address that ends its street part at `pos` really ends: through the unit, town, state,
     postcode and country lines that follow ("... Suite 680\n Kissousa\n Cyprus 36903"). A town or state counts
     only when a postcode, unit or country comes after it, so "at 12 Main St Paris said" stops at "St"."""
-    solid = pos
+    solid, prev = pos, None
     for _ in range(8):
         sep = _TAIL_SEP.match(text, pos)
         part = _TAIL_PART.match(text, sep.end()) if sep and sep.end() > pos else None
-        if not part or (part.lastgroup == "zip" and not sep.group().strip() and text[pos - 1].isdigit()):
-            break  # "4111 1111": a number after a number is a longer number, not a postcode
+        if not part or (part.lastgroup == "zip" and not sep.group().strip(" \t") and text[pos - 1].isdigit()):
+            break  # "4111 1111": a number after a number on the same line is a longer number, not a postcode
         if part.lastgroup == "place":
             words, countries = re.sub(r"[ \t]*\(.*", "", part.group()).split(), _gazetteers().countries
             if part.group() in countries or " ".join(words[-2:]) in countries or words[-1] in countries:
@@ -626,11 +699,13 @@ def _address_tail(text: str, pos: int) -> int:
                 break  # the sentence goes on: "... Apt. 4. I am in Sutri"
             elif all(w.isupper() and len(w) > 2 for w in words):
                 solid = part.end()  # post-office style town line: "LONDON", "KNIVSTA"
-            elif _CLAUSE_END.match(text, part.end()) and (sep.group().strip() or text[solid - 1].isdigit()):
+            elif prev == "zip" and not sep.group().strip(" \t"):
+                solid = part.end()  # the town after its postcode on the same line: "28343 Kamenz", "H-7317 Mátra"
+            elif _CLAUSE_END.match(text, part.end()) and (sep.group().strip(" \t") or text[solid - 1].isdigit()):
                 solid = part.end()  # the town ends the sentence: "..., Marshland", "Suite 980 Reichenbach."
         elif part.lastgroup != "state":
             solid = part.end()
-        pos = part.end()
+        pos, prev = part.end(), part.lastgroup
     return solid - (text[pos - 1] == "." and solid == pos)  # "..., Kerkrade." ends before the full stop
 
 
@@ -664,6 +739,7 @@ _PERSON_SLOT_BEFORE = re.compile(
     r"could|should|has|have|had|says|say|knows|know|invite|invited|heard|hear))[ \t]+$"
 )
 _LINE_START_BULLETS = " \t?•·*▪►-"
+_ARTICLE_BEFORE = re.compile(r"(?i:\b(?:the|a|an|this|our|your|its))[ \t]+$")  # "the Jenkins job": a thing
 
 
 def _capitalized(text: str) -> str | None:
@@ -723,6 +799,8 @@ def _find_persons_cased(text: str, lowered: bool = False) -> list[Span]:
         known = any(w in gaz.first or w in gaz.last or _surname_shaped(w) for w in words)  # "Csenger Gábor"
         # no word is an English word or a place: "Hijacinta Godina", "Glyceria" (not "Secretly Love", "Berlin")
         unknown = name_like and all(_unknown_word(w, gaz) for w in words)
+        # two or more words that are no English word stand for a known name even in all-lowercase text ("nijito asano")
+        sure = known or (len(words) >= 2 and unknown)
         at_start = bool(_SENTENCE_START.search(text, max(0, m.start() - 8), m.start()))
         # the last word of a longer proper noun: "Apache Tomcat", "(But Secretly Love)"; not "Ask Maciej"
         prev = re.search(r"[A-Z][\w\-]*[ \t]+$", before)
@@ -730,31 +808,40 @@ def _find_persons_cased(text: str, lowered: bool = False) -> list[Span]:
                                                               m.start() - len(before) + prev.start())
         # "69 Av Sidi Lakhmi", "214 Pavlou Drandaki": words after a house number are a street
         street_like = street_like or bool(re.search(r"\d[ \t]+$", before))
+        # a title, a form label or a list of people says person even over a street word ("Dr. Lodge"); so does a
+        # given name with a middle initial ("Brad L Isle"); a house number before the words still says street
+        if street_like and not re.search(r"\d[ \t]+$", before) and (
+                (words[0] in gaz.first and _MIDDLE_INITIAL.search(text, m.start(), end)) or _TITLE_BEFORE.search(before)
+                or _LABEL_BEFORE.search(before) or any(a <= m.start() < b for a, b in people)):
+            street_like = False
         if product_like or org_like or street_like:
             ok = False
-        elif (len(words) >= 2 and name_like and (known or not lowered) and _LINE_END.match(text, end)
+        elif (len(words) >= 2 and name_like and (sure or not lowered) and _LINE_END.match(text, end)
               and m.start() == first_word and _HAS_DIGIT_OR_AT.search(text, end)):
             ok = True  # the first line of a contact block or signature: "Julcsa Kárpáthy\nMhealthcoach\n50668 ..."
         elif at_start and name_like and len(words) <= 2 and _VOCATIVE_AFTER.match(text, end) and words[0] not in gaz.places:
-            ok = not lowered or known
+            ok = not lowered or sure
         elif (text.startswith("'s", end) and name_like and (len(words) >= 2 or known or unknown)
               and words[0] not in gaz.places and not re.search(r"(?i:\b(?:the|a|an|this|that|our|your|its))[ \t]+$", before)):
-            ok = not lowered or known  # a possessive: "Meza's song", "Pinabel Marcil's Cautionary Tales" (not "the Canteen's")
+            ok = not lowered or sure  # a possessive: "Meza's song", "Pinabel Marcil's Cautionary Tales" (not "the Canteen's")
         elif _TITLE_BEFORE.search(before) or _LABEL_BEFORE.search(before) or any(a <= m.start() < b for a, b in people):
             ok = True
         elif m.start() in speakers and name_like and text.startswith(":", end) and words[0] not in _NOT_SPEAKER:
             ok = True  # a speaker label of a dialogue ("Ubul: What a wife.")
-        elif _PERSON_CONTEXT_BEFORE.search(before):
+        elif _PERSON_CONTEXT_BEFORE.search(before) or _person_noun_before(before):
             # "said Maslin", "follow up with Benjamin A Seiler": after a person context any name-like words
             ok = words[0] in FIRST_NAMES or words[0] in gaz.first or (
-                (len(words) >= 2 or unknown or (words[0] in gaz.last and name_like)) and (not lowered or known))
+                (len(words) >= 2 or unknown or (words[0] in gaz.last and name_like)) and (not lowered or sure))
         elif name_like and (_PERSON_VERB_AT_START if m.start() == 0 or text[m.start() - 1] == "\n"
                             else _PERSON_VERB_AFTER).match(text, end):
-            ok = not lowered or known
+            ok = not lowered or sure
+        elif (known or unknown) and words[0] not in gaz.places and _PERSON_ONLY_VERB_AFTER.match(text, end):
+            ok = not lowered or sure
         elif len(words) >= 2 and name_like:
             # "Maciej Borkowski", "Elita B Desaulniers", "Hijacinta Godina": a known given or family name, a middle
             # initial, or no English word at all
-            ok = known or (not lowered and (unknown or bool(_MIDDLE_INITIAL.search(text, m.start(), end))))
+            ok = known or (not lowered and (unknown or bool(_MIDDLE_INITIAL.search(text, m.start(), end)))) or (
+                sure and bool(_PERSON_SLOT_BEFORE.search(before)))  # lowercase: "have you heard nijito asano speak"
         elif (unknown and not lowered and not at_start and not after_cap
               and _PERSON_SLOT_BEFORE.search(before) and not re.match(r"[ \t]+[A-Z]", after)):
             ok = True  # one name-shaped word in a person's slot: "Why is Glyceria so impulsive?"
@@ -764,7 +851,9 @@ def _find_persons_cased(text: str, lowered: bool = False) -> list[Span]:
             # a lone word needs no place of the same spelling ("Berlin | 180" is a city in a table, not a person)
             ok = (len(words) > 1 or (words[0] not in gaz.places and not after_cap)) and (
                 words[0] in FIRST_NAMES
-                or (len(words) == 1 and name_like and (words[0] in gaz.first or _surname_shaped(words[0]))))
+                or (len(words) == 1 and name_like and (words[0] in gaz.first or _surname_shaped(words[0])
+                                                       or (words[0] in gaz.last and unknown and not at_start
+                                                           and not _ARTICLE_BEFORE.search(before)))))
         if ok:
             out.append(Span(m.start(), end, "PERSON", text[m.start() : end]))
             covered = end
@@ -846,7 +935,7 @@ def _surname_shaped(word: str) -> bool:
 _AND_NAME_AFTER = re.compile(rf"[ \t]+(?:and|&|or)[ \t]+({_NAME_WORD}(?:[ \t]+{_NAME_WORD})?)(?![ \t]+[A-Z])")
 _AND_NAME_BEFORE = re.compile(rf"(?<![\w\-])({_NAME_WORD}(?:[ \t]+{_NAME_WORD})?)[ \t]+(?:and|&|or)[ \t]+$")
 _MIDDLE_INITIAL = re.compile(r"[ \t][A-Z]\.?[ \t]")
-_CAP_WORD = re.compile(r"(?<![\w@.'\-])([A-ZÀ-ÖØ-ÞĀ-ɏ][a-zà-öø-ÿā-ɏ'\-]{2,})(?:'s)?(?![\w@])")
+_CAP_WORD = re.compile(r"(?<![\w@.'\-])((?:Mc|Mac|O')?[A-ZÀ-ÖØ-ÞĀ-ɏ][a-zà-öø-ÿā-ɏ'\-]{2,})(?:'s)?(?![\w@])")  # also "McDowell"
 # two lowercase words, tried at every word start (the lookahead lets pairs overlap)
 _LOWER_PAIR = re.compile(r"(?<![\w@./\-])(?=([a-zà-öø-ÿ][a-zà-öø-ÿ'\-]{2,})[ \t]+([a-zà-öø-ÿ][a-zà-öø-ÿ'\-]{2,})(?![\w@]))")
 
@@ -893,6 +982,7 @@ _FINDERS = [
     ("DOB", lambda t: [Span(m.start("date"), m.end("date"), "DOB", m.group("date")) for m in _DOB.finditer(t)]),
     ("PHONE", _find_phones),
     ("ADDRESS", _find_addresses),
+    ("STREET", _find_streets),  # ADDRESS spans too, found without a digit
     ("PERSON", _find_persons),
 ]
 _HAS_DIGIT_OR_AT = re.compile(r"[\d@]")
@@ -904,7 +994,7 @@ def find_pii(text: str) -> list[Span]:
     used = bytearray(len(text))  # 1 where a span was taken: the overlap test stays O(span length)
     has_digits = bool(_HAS_DIGIT_OR_AT.search(text))
     for kind, finder in _FINDERS:
-        if not has_digits and kind not in ("PERSON", "URL"):
+        if not has_digits and kind not in ("PERSON", "URL", "STREET"):
             continue  # fast path: all other kinds need a digit or an @
         for span in sorted(finder(text), key=lambda s: (s.start, -(s.end - s.start))):
             if span.end > span.start and not any(used[span.start : span.end]):
