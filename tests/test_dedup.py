@@ -118,6 +118,24 @@ def test_similar_pairs_equal_brute_force_just_above_found_just_below_not():
     pairs = textproc.similar_pairs(sets, 0.8)
     assert {(a, b) for a, b, _ in pairs} == expected
     assert all(a < b and sim == textproc.jaccard(sets[a], sets[b]) for a, b, sim in pairs)
+    # in chunks of 7 sets (the empty one at 17 inside a chunk, pairs across chunk edges): the same pairs
+    assert textproc.similar_pairs(sets, 0.8, chunk=7) == pairs
+
+
+def test_lazy_shingles_give_the_same_pairs_as_the_sets():
+    rng = random.Random(1)
+    words = [f"w{k}" for k in range(400)]
+    texts = []
+    for _ in range(40):
+        base = [rng.choice(words) for _ in range(60)]
+        near = list(base)
+        near[rng.randrange(60)] = "changed"  # one word changed: J of 5-word shingles ~0.9
+        texts += [" ".join(base), " ".join(near)]
+    texts.insert(5, "")
+    sets = [textproc.shingles(t) for t in texts]
+    want = textproc.similar_pairs(sets, 0.8)
+    assert len(want) >= 30  # the planted pairs are there (a few may fall below 0.8 by chance)
+    assert textproc.similar_pairs(textproc.LazyShingles(texts), 0.8, chunk=9) == want
 
 
 def test_recall_holds_just_above_threshold():

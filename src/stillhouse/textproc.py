@@ -397,20 +397,44 @@ def minhash_signatures(shingle_sets: list[set[str]], num_perm: int = 128, seed: 
     return sig
 
 
-def similar_pairs(shingle_sets: list[set[str]], min_jaccard: float, num_perm: int = 128, seed: int = 1) -> list[tuple[int, int, float]]:
+class LazyShingles:
+    """The shingle sets of `texts`, made when one is asked for and not kept: `similar_pairs` over a large corpus
+    then holds the (n, P) signatures and one chunk of sets, not every set (a set of 5-word shingles takes ~10x the
+    memory of its text)."""
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> set[str]:
+        return shingles(self.texts[i])
+
+
+def similar_pairs(shingle_sets, min_jaccard: float, num_perm: int = 128, seed: int = 1,
+                  chunk: int = 4096) -> list[tuple[int, int, float]]:
     """Pairs (i, j, exact Jaccard) with i < j and Jaccard >= min_jaccard, found with MinHash LSH.
 
+    `shingle_sets`: a list of sets, or a sequence that makes them on access (`LazyShingles`); they are read
+    `chunk` at a time for the signatures, and again only for the candidate pairs' exact check.
     LSH only proposes candidates, with a band layout chosen so it misses at most LSH_MAX_MISS of the pairs at
     min_jaccard (`lsh_layout`). Candidates whose signatures agree on far fewer positions than min_jaccard
     (4+ standard deviations below) are dropped cheaply; every other one is checked with the exact Jaccard of
     its shingle sets, so there are no false pairs."""
     import numpy as np
 
-    idx = np.array([i for i, s in enumerate(shingle_sets) if s], dtype=np.int64)
-    if len(idx) < 2:
+    idx_parts, sig_parts = [], []
+    for c0 in range(0, len(shingle_sets), chunk):
+        sets = [shingle_sets[i] for i in range(c0, min(c0 + chunk, len(shingle_sets)))]
+        nonempty = [k for k, s in enumerate(sets) if s]
+        if nonempty:  # a set's signature does not depend on the others in its call: chunks give the same rows
+            idx_parts.append(np.array(nonempty, dtype=np.int64) + c0)
+            sig_parts.append(minhash_signatures([sets[k] for k in nonempty], num_perm, seed))
+    n = sum(len(part) for part in idx_parts)
+    if n < 2:
         return []
-    sig = minhash_signatures([shingle_sets[i] for i in idx], num_perm, seed)  # (n, P)
-    n = len(idx)
+    idx, sig = np.concatenate(idx_parts), np.concatenate(sig_parts)  # (n,), (n, P)
     bands, rows = lsh_layout(min_jaccard, num_perm)
     mix = np.random.default_rng(seed + 1).integers(1, 2**63, rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
     found = []  # candidate pairs as i * n + j (positions in idx, i < j)
@@ -435,8 +459,10 @@ def similar_pairs(shingle_sets: list[set[str]], min_jaccard: float, num_perm: in
         agree[c0 : c0 + (1 << 16)] = (sig[ci[c0 : c0 + (1 << 16)]] == sig[cj[c0 : c0 + (1 << 16)]]).mean(axis=1)
     keep = agree >= min_jaccard - 0.15
     pairs = []
-    for a, b in zip(idx[ci[keep]].tolist(), idx[cj[keep]].tolist()):
-        sim = jaccard(shingle_sets[a], shingle_sets[b])
+    a_s, b_s = idx[ci[keep]].tolist(), idx[cj[keep]].tolist()
+    made = {i: shingle_sets[i] for i in sorted(set(a_s) | set(b_s))}  # each set made once, only those in a pair
+    for a, b in zip(a_s, b_s):
+        sim = jaccard(made[a], made[b])
         if sim >= min_jaccard:
             pairs.append((a, b, sim))
     return sorted(pairs)

@@ -1082,7 +1082,7 @@ def _deduplicate(items: list[_Item], threshold: float) -> tuple[list[_Item], lis
             exact_of[i] = exact_of_i
     unique = sorted(first.values())
     # near: verified similar pairs among the exact-unique records (positions in `unique`)
-    sets = [textproc.shingles(items[i].dedup_text) for i in unique]
+    sets = textproc.LazyShingles([items[i].dedup_text for i in unique])  # made on demand: memory stays ~signatures
     group_threshold = max(0.3, threshold - SPLIT_GROUP_MARGIN)
     pairs = textproc.similar_pairs(sets, group_threshold)
     dup = textproc.UnionFind(len(unique))
