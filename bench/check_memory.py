@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -229,10 +229,7 @@ def main() -> None:
         *[f"| {c} | {p} | {m:.0f} | {e:.0f} | {err:+.0%} | {s:.0f} |" for c, p, m, e, err, s in rows],
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_append:
-        append_to_docs(text)
+    publish(lines, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -176,10 +176,7 @@ def main() -> None:
           f"{r['negatives_reported']} | {r['seconds']:.1f} | {r['docs_per_s']:.0f} |" for r in rows),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_append:
-        append_to_docs(text)
+    publish(lines, append=not args.no_append)
 
 
 if __name__ == "__main__":

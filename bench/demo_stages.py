@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,11 +62,7 @@ def main() -> None:
             lines.append(f"| {task} {t['metric']} (n={t['n']}) | " + " | ".join(str(t.get(n, "-")) for n in names) + " |")
         lines += ["", "retention (student / teacher, bootstrap 95% CI): " + ", ".join(
             f"{task} {t.get('retention')} {t.get('retention_ci95')}" for task, t in ev.get("tasks", {}).items()), ""]
-    text = "\n".join(lines)
-    print(text)
-    bench = ROOT / "docs" / "benchmarks.md"
-    with open(bench, "a") as f:
-        f.write("\n" + text + "\n")
+    publish(lines)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,10 +72,7 @@ def main() -> None:
             f"Q \"{p['messages'][0]['content']}\" A \"{p['messages'][1]['content'][:120]}\"" for p in pairs[:4]),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_append:
-        append_to_docs(text)
+    publish(lines, append=not args.no_append)
     shutil.rmtree(ws)
 
 

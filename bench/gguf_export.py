@@ -20,7 +20,7 @@ from pathlib import Path
 
 import stillhouse  # noqa: F401  (offline environment first)
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,9 +127,7 @@ def main() -> None:
           f"| {t:.1f} |" for n, b, s, a, t, c in rows],
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    append_to_docs(text)
+    publish(lines)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"kd": "KD: alpha 0.5 (soft top-k labels + CE)", "ce": "CE only: alpha 0 (same sequences)"}
@@ -109,10 +109,7 @@ def main() -> None:
             print(name, results["runs"][name], flush=True)
             done += 1
     lines = _table(results, seeds, len(test), len(train), cfg, labels)
-    text = "\n".join(lines)
-    print(text)
-    if done:  # the call that finished the last training appends; later calls only print
-        append_to_docs(text)
+    publish(lines, append=done)  # the call that finished the last training appends; later calls only print
 
 
 def _table(results: dict, seeds: list[int], n_test: int, n_train: int, cfg, labels: dict) -> list[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURE = 2.0
@@ -187,11 +187,7 @@ def main() -> None:
         f"{100 * waste_sorted:.1f}% length-sorted",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.no_append:
-        return
-    append_to_docs(text)
+    publish(lines, append=not args.no_append)
 
 
 if __name__ == "__main__":

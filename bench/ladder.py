@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,10 +86,7 @@ def main() -> None:
     lines += ["", f"- smallest rung meeting the requirements (eval.min_retention={out['requirements']['min_retention']}, "
               f"eval.max_latency_ms_p95={out['requirements']['max_latency_ms_p95']}): {out['smallest_meeting_requirements']}",
               f"- this invocation: {seconds:.0f} s (finished rungs are skipped)", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.append:
-        append_to_docs(text)
+    publish(lines, append=args.append)
 
 
 if __name__ == "__main__":

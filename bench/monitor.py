@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -194,9 +194,7 @@ def main() -> None:
         f"({once_text}).",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    append_to_docs(text)
+    publish(lines)
 
 
 if __name__ == "__main__":

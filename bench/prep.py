@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "STILLHOUSE_QUIET": "1"}
@@ -98,9 +98,7 @@ def main() -> None:
         f"- where the rest of the time goes (1 worker, seconds): {json.dumps(rep['seconds'])}",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    append_to_docs(text)
+    publish(lines)
     shutil.rmtree(ws)
 
 

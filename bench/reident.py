@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "STILLHOUSE_QUIET": "1"}
@@ -67,10 +67,7 @@ def main() -> None:
         *(f"| {a} | {n} | {w} | {s} | {b} | {c} | {g} | {d} | {sec:.1f} |" for a, n, w, s, b, c, g, d, sec in rows),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_append:
-        append_to_docs(text)
+    publish(lines, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import stillhouse  # noqa: F401  (offline environment first)
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,9 +161,7 @@ def main() -> None:
     for name, r in rows:
         if r["first_error"]:
             lines.insert(-1, f"- first error of {name}: {r['first_error'][:300]}")
-    text = "\n".join(lines)
-    print(text)
-    append_to_docs(text)
+    publish(lines)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -86,10 +86,7 @@ def main() -> None:
         seconds = statistics.mean(t["train_seconds"] for t in trials)
         lines.append(f"| {method} | {len(trials)} | {rep['best']['val_score']:.3f} | `{rep['set_flags']}` | {scores} | "
                      f"{seconds:.0f} |")
-    text = "\n".join(lines + [""])
-    print(text)
-    if first_time:  # the call that completed the pair appends; later calls only print
-        append_to_docs(text)
+    publish(lines + [""], append=first_time)  # the call that completed the pair appends; later calls only print
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train.py memory            # peak RSS of the loss, chunked vs naive, allocator on/off
     PYTHONPATH=DIR .venv/bin/python bench/train.py speed [--rounds 3] [--steps 6] [--workspace WS] [--low-memory]
+    .venv/bin/python bench/train.py optimizer         # one AdamW step: for-loop vs foreach vs fused (training.make_optimizer)
 
 memory: LM head + loss forward and backward at V = 49,152, H = 576, batch 4 x seq 1,024 (N = 4,096 positions,
 top-32 teacher labels), each variant in its own process; peak RSS above the inputs (/proc VmHWM after a reset).
@@ -10,14 +11,16 @@ top-32 teacher labels), each variant in its own process; peak RSS above the inpu
 
 speed: SmolLM2-135M-Instruct teacher, a 6-layer student derived from it, batch 8 x <= 64 tokens of the quick demo's
 labeled records, bf16 autocast, AdamW; tokens/s of plain cross-entropy, offline top-32 KD (labels computed once,
-before timing, as `stillhouse label` does; loss chunk 1,024, one chunk at these sizes), naive online KD (the teacher runs inside
+before timing, as `stillhouse label` does; the loss chunk `fit` uses), AdamW built as `fit` builds it (fused), naive online KD (the teacher runs inside
 the loop; full (B, L, V) logits for both, full-vocabulary KL) and TRL's GKDTrainer with lmbda = 0 (the teacher in
 the loop, its own Trainer loop) on the same token ids and batches. The machine is shared, so the losses run
 interleaved: `--rounds` rounds, each running every loss (in rotated order) for 2 warm-up + `--steps` timed steps
 on a fresh student; the table gives the median over rounds and the median of the per-round ratios to CE.
 The GKD row needs trl (1.16, `pip install --no-deps`) and `datasets` importable, e.g. installed with
 `pip install --target DIR` and passed with PYTHONPATH=DIR; without them the row is skipped with a note.
-Both append a table to docs/benchmarks.md with the date, the machine and the command.
+optimizer: the 6-layer student's parameters with random gradients, AdamW.step() timed (best of 5 after one warm-up
+step) with torch's CPU default (the per-tensor for-loop), foreach, and fused (what `fit` uses).
+Each appends a table to docs/benchmarks.md with the date, the machine and the command.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN, BATCH, SEQ, TOPK, T = 49_152, 576, 4, 1_024, 32, 2.0
@@ -187,6 +190,34 @@ def speed(rounds: int, steps: int, workspace: Path | None, low_memory: bool) -> 
     return lines
 
 
+def optimizer() -> list[str]:
+    """Seconds of one AdamW step over the derived 6-layer student, by implementation (see the module docstring)."""
+    import torch
+
+    from stillhouse.models import derive_student, load_model, resolve_model
+
+    student, _ = derive_student(load_model(resolve_model("asset:smollm2-135m-instruct")), 6)
+    params = [q for q in student.parameters() if q.requires_grad]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    rows = []
+    for label, kw in (("for-loop (torch's CPU default)", {"foreach": False}), ("foreach", {"foreach": True}),
+                      ("fused (`training.make_optimizer`)", {"fused": True})):
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), **kw)
+        opt.step()  # allocates the moments
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            opt.step()
+            best = min(best, time.perf_counter() - t0)
+        rows.append((label, best))
+    n = sum(q.numel() for q in params)
+    return ["### train: one AdamW step by implementation", "", *_header("optimizer"),
+            f"- the derived 6-layer SmolLM2 student, {n / 1e6:.1f}M fp32 parameters, random gradients; best of 5 steps",
+            "", "| AdamW | ms per step | vs fused |", "|---|---|---|",
+            *(f"| {label} | {t * 1000:.0f} | {t / rows[-1][1]:.1f}x |" for label, t in rows), ""]
+
+
 def _own_steps(mode: str, student, teacher, tok, batches) -> tuple[int, float]:
     """Our training step (as `training.fit` takes it) for `mode`; (tokens, seconds) over the timed steps."""
     import torch
@@ -271,18 +302,16 @@ def main() -> None:
         print(json.dumps(memory_child(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1")))
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=["memory", "speed"])
+    ap.add_argument("part", choices=["memory", "speed", "optimizer"])
     ap.add_argument("--steps", type=int, default=6, help="speed: timed steps per loss and round")
     ap.add_argument("--rounds", type=int, default=3, help="speed: rounds over all the losses")
     ap.add_argument("--low-memory", action="store_true", help="speed: with the low-memory allocator (STILLHOUSE_LOW_MEMORY=1)")
     ap.add_argument("--workspace", type=Path, help="a quick-demo workspace whose data/ to use (default: make one)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
     args = ap.parse_args()
-    lines = memory() if args.part == "memory" else speed(args.rounds, args.steps, args.workspace, args.low_memory)
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_append:
-        append_to_docs(text)
+    lines = (memory() if args.part == "memory" else optimizer() if args.part == "optimizer"
+             else speed(args.rounds, args.steps, args.workspace, args.low_memory))
+    publish(lines, append=not args.no_append)
 
 
 if __name__ == "__main__":

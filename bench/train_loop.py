@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _docs import append_to_docs  # noqa: E402  (bench/ is on sys.path)
+from _docs import publish  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPK, T = 32, 2.0
@@ -125,9 +125,7 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated variants to run: before,offline,online,align (default: all)")
     args = ap.parse_args()
     only = args.only.split(",") if args.only else None
-    text = "\n".join(run(args.rounds, args.steps, args.workspace, args.before, only))
-    print(text)
-    append_to_docs(text)
+    publish(run(args.rounds, args.steps, args.workspace, args.before, only))
 
 
 if __name__ == "__main__":

@@ -379,7 +379,8 @@ def _document_qa(cfg: Config, items: list[_Item], groups: list[int], cache: Path
     from stillhouse.ui import progress_bar
 
     dq = cfg.prep.document_qa
-    sections = [(it, g) for it, g in zip(items, groups) if it.record["task"] == "text" and it.labeled]
+    is_section = [it.record["task"] == "text" and it.labeled for it in items]
+    sections = [(it, g) for it, g, sec in zip(items, groups, is_section) if sec]
     src = resolve_model(cfg.teacher.model, cfg.workspace, cfg.teacher.sha256)  # the base teacher: adapt comes later
     gate = license_decision(detect_license(src)["license"], cfg.license)
     if gate["verdict"] == "stop":
@@ -392,17 +393,16 @@ def _document_qa(cfg: Config, items: list[_Item], groups: list[int], cache: Path
         pairs, counts = docqa.write_pairs(
             [{"id": it.record["id"], "title": Path(it.record["source"]["file"]).stem, "text": response_text(it.record)}
              for it, _ in sections], model, tok, dq, cache, fingerprint, progress=advance)
-    kept, kept_groups = ([], []) if not dq.keep_sections else (list(items), list(groups))
-    if not dq.keep_sections:  # only the tables' records stay; sections are replaced by their pairs
-        kept = [it for it in items if not (it.record["task"] == "text" and it.labeled)]
-        kept_groups = [g for it, g in zip(items, groups) if not (it.record["task"] == "text" and it.labeled)]
+    keep = [dq.keep_sections or not sec for sec in is_section]  # without keep_sections: pairs replace sections
+    kept = [it for it, k in zip(items, keep) if k]
+    kept_groups = [g for g, k in zip(groups, keep) if k]
     for it, g in sections:
         for n, pair in enumerate(pairs.get(it.record["id"], [])):
             q, q_spans = _mask_text(pair["question"], actions, key)
             a, a_spans = _mask_text(pair["answer"], actions, key)
             if any(actions[sp.kind] == "drop" for sp in q_spans + a_spans):
-                counts["rejected"]["holds a PII kind whose prep.pii_action is drop"] = (
-                    counts["rejected"].get("holds a PII kind whose prep.pii_action is drop", 0) + 1)
+                why = "holds a PII kind whose prep.pii_action is drop"
+                counts["rejected"][why] = counts["rejected"].get(why, 0) + 1
                 counts["kept"] -= 1
                 continue
             rec = {"id": f"{it.record['id']}-qa{n}", "task": "qa",
