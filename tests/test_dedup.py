@@ -164,3 +164,19 @@ def test_union_find_root_is_smallest_index():
     for a, b in [(4, 5), (3, 5), (1, 2)]:
         uf.union(a, b)
     assert [uf.find(i) for i in range(6)] == [0, 1, 1, 3, 3, 3]
+
+
+def test_a_large_bucket_of_near_identical_sets_is_screened_in_blocks(monkeypatch):
+    """120 variants of one text (one bucket in most bands, 7,140 candidate pairs) among unrelated sets: with
+    candidates made and screened 50 at a time, and only 8 sets cached while verifying, the pairs are exactly
+    the brute-force ones -- the memory bounds change nothing found."""
+    rng = random.Random(3)
+    base = [f"b{k}" for k in range(100)]
+    sets = [{f"u{k}-{rng.randrange(10**6)}" for _ in range(40)} for k in range(60)]
+    for v in range(120):  # each variant drops 0-6 of the base shingles: J 0.94-1.0 with each other
+        sets.insert(rng.randrange(len(sets) + 1), set(base) - set(rng.sample(base, rng.randint(0, 6))) | {f"v{v}"})
+    want = textproc.similar_pairs(sets, 0.8)
+    assert {(a, b) for a, b, _ in want} == brute_force(sets, 0.8) and len(want) == 120 * 119 // 2
+    monkeypatch.setattr(textproc, "CANDIDATE_BLOCK", 50)
+    monkeypatch.setattr(textproc, "VERIFY_CACHE", 8)
+    assert textproc.similar_pairs(sets, 0.8) == want

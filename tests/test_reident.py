@@ -99,7 +99,7 @@ def write_table(ws: Path) -> None:
         "prep:\n  review_sample_size: 3\n  tables: [{pattern: staff.csv, task: qa, input: question, output: answer}]\n")
 
 
-@pytest.mark.parametrize("action", ["report", "drop"])
+@pytest.mark.parametrize("action", ["report", "drop", "generalize"])
 def test_prep_cli_reports_and_reviews_risky_records_first(tmp_path, action):
     write_table(tmp_path)
     res = cli(tmp_path, "prep", "--set", f"prep.reident.action={action}")
@@ -114,9 +114,13 @@ def test_prep_cli_reports_and_reviews_risky_records_first(tmp_path, action):
     if action == "report":
         assert review[0]["id"] == "staff-00012" and "re-identification risk" in review[0]["kept_because"]
         assert len(review) in (3, 4) and "Hammerfest" in train  # then the usual 3-record sample (it may hold it too)
-    else:
+    elif action == "drop":
         assert "Hammerfest" not in train and report["dropped"] == 1
         assert all(r["id"] != "staff-00012" for r in review)
+    else:  # prep holds its records on disk: the generalized record is the one written out
+        assert "Hammerfest" not in train and "pharmacist" not in train
+        assert "our 60-69-year-old [JOB_TITLE] based in [PLACE], hired 2011?" in train
+        assert report["values_generalized"] == 4 and report["still_below_k_after_generalizing"] == 0
 
 
 def test_bad_reident_config_names_the_key(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,9 +142,9 @@ def _texts(record: dict) -> list[dict]:
     return [m for m in record["messages"] if m["role"] != "system"]  # the system prompt is configuration
 
 
-def assess(records: list[dict], rc, csv_path: Path | None = None) -> tuple[list[str], dict]:
+def assess(records: Sequence[dict], rc, csv_path: Path | None = None) -> tuple[list[str], dict]:
     """Find the records whose QI combination is shared by fewer than `rc.k` records; with action=generalize
-    their QIs are generalized in place (in `records`). Returns, per record, "" or a one-line reason for the
+    their QIs are generalized and the records assigned back (`records[i] = ...`; a list or prep's disk spool). Returns, per record, "" or a one-line reason for the
     review sheet (kinds and counts only), and the report section. Writes the flagged ids and their QI kinds to
     `csv_path` (no values)."""
     qis = [[q for m in _texts(r) for q in find_quasi_identifiers(m["content"], rc.quasi_identifiers)] for r in records]
@@ -165,11 +166,13 @@ def assess(records: list[dict], rc, csv_path: Path | None = None) -> tuple[list[
     if rc.action == "generalize":
         changed = 0
         for i in flagged:
-            for m in _texts(records[i]):
+            record = records[i]
+            for m in _texts(record):
                 found = find_quasi_identifiers(m["content"], rc.quasi_identifiers)
                 for q in reversed(found):  # right to left: earlier offsets stay valid
                     m["content"] = m["content"][: q.start] + generalize(q.kind, m["content"][q.start : q.end], q.value) + m["content"][q.end :]
                 changed += len(found)
+            records[i] = record  # a sequence read from disk (prep's spool) keeps the change only when given it back
         after = [[q for m in _texts(r) for q in find_quasi_identifiers(m["content"], rc.quasi_identifiers)] for r in records]
         report.update(values_generalized=changed, still_below_k_after_generalizing=len(_below_k(after, rc.k, rc.min_kinds)))
     if csv_path is not None:

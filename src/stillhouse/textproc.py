@@ -5,10 +5,12 @@ Everything here works on strings and lists; reading file formats and writing rec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
 import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import regex
@@ -133,15 +135,23 @@ def _furniture_key(text: str) -> str:
     return re.sub(r"\d+", "#", " ".join(text.split()).casefold())
 
 
-def repeated_across_documents(documents: list[list[str]], min_docs: int) -> set[str]:
-    """Keys (see `is_repeated`) of the short paragraphs found in at least `min_docs` of the documents: the
-    copyright line, disclaimer or "Contact the service desk" box every page of an intranet carries. Digits are
-    ignored, so "(c) 2023" and "(c) 2024" match."""
-    seen_in: dict[str, int] = {}
-    for paragraphs in documents:
+class RepeatedParagraphs:
+    """The short paragraphs many documents share: the copyright line, disclaimer or "Contact the service desk"
+    box every page of an intranet carries. Documents are added one at a time and only their short paragraphs'
+    keys are kept (once each, with a count), so a corpus streams through. Digits are ignored, so "(c) 2023" and
+    "(c) 2024" match."""
+
+    def __init__(self):
+        self.seen_in: dict[str, int] = {}  # paragraph key -> documents it is in
+
+    def add(self, paragraphs: Iterable[str]) -> None:
+        """One document's paragraphs."""
         for k in {_furniture_key(p) for p in paragraphs if len(p) <= BOILERPLATE_MAX_CHARS}:
-            seen_in[k] = seen_in.get(k, 0) + 1
-    return {k for k, n in seen_in.items() if n >= min_docs}
+            self.seen_in[k] = self.seen_in.get(k, 0) + 1
+
+    def keys(self, min_docs: int) -> set[str]:
+        """Keys (see `is_repeated`) of the paragraphs found in at least `min_docs` of the documents added."""
+        return {k for k, n in self.seen_in.items() if n >= min_docs}
 
 
 def is_repeated(text: str, keys: set[str]) -> bool:
@@ -316,6 +326,8 @@ _WORD = regex.compile(r"\w+")
 # Scripts written without spaces between words: a "word" there is a whole clause, so shingles are characters
 _NO_SPACE_SCRIPT = re.compile(r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LSH_MAX_MISS = 0.005  # chance that LSH fails to propose a pair exactly at min_jaccard (higher similarity: less)
+CANDIDATE_BLOCK = 1 << 20  # LSH candidate pairs made and screened at a time (8 MB of int64)
+VERIFY_CACHE = 2048  # shingle sets similar_pairs keeps while it verifies candidates (~20 KB each for a 1,000-char text)
 
 
 def dedup_key(text: str) -> str:
@@ -377,10 +389,11 @@ def minhash_signatures(shingle_sets: list[set[str]], num_perm: int = 128, seed: 
     flat = np.fromiter((zlib.crc32(x.encode()) for s in shingle_sets for x in s), dtype=np.uint64, count=int(sizes.sum()))
     offsets = np.r_[0, np.cumsum(sizes)]  # shingles of set d: flat[offsets[d]:offsets[d + 1]]
     sig = np.full((len(shingle_sets), num_perm), 0xFFFFFFFF, dtype=np.uint32)
-    # sets in chunks of ~64 MB of (P, shingles) hashes; a single larger set is one chunk of its own
+    # sets in chunks of ~16 MB of (P, shingles) hashes (+ 8 MB as uint32: the transient memory; larger chunks are
+    # no faster); a single larger set is one chunk of its own
     chunks, width = [0], 0
     for d, size in enumerate(sizes.tolist()):
-        if width + size > (64 << 20) // (8 * num_perm) and d > chunks[-1]:
+        if width + size > (16 << 20) // (8 * num_perm) and d > chunks[-1]:
             chunks.append(d)
             width = 0
         width += size
@@ -402,7 +415,7 @@ class LazyShingles:
     then holds the (n, P) signatures and one chunk of sets, not every set (a set of 5-word shingles takes ~10x the
     memory of its text)."""
 
-    def __init__(self, texts: list[str]):
+    def __init__(self, texts: Sequence[str]):  # a list, or a sequence that reads each text when asked (from disk)
         self.texts = texts
 
     def __len__(self) -> int:
@@ -413,7 +426,7 @@ class LazyShingles:
 
 
 def similar_pairs(shingle_sets, min_jaccard: float, num_perm: int = 128, seed: int = 1,
-                  chunk: int = 4096) -> list[tuple[int, int, float]]:
+                  chunk: int = 1024) -> list[tuple[int, int, float]]:
     """Pairs (i, j, exact Jaccard) with i < j and Jaccard >= min_jaccard, found with MinHash LSH.
 
     `shingle_sets`: a list of sets, or a sequence that makes them on access (`LazyShingles`); they are read
@@ -435,9 +448,15 @@ def similar_pairs(shingle_sets, min_jaccard: float, num_perm: int = 128, seed: i
     if n < 2:
         return []
     idx, sig = np.concatenate(idx_parts), np.concatenate(sig_parts)  # (n,), (n, P)
+    del idx_parts, sig_parts
     bands, rows = lsh_layout(min_jaccard, num_perm)
     mix = np.random.default_rng(seed + 1).integers(1, 2**63, rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-    found = []  # candidate pairs as i * n + j (positions in idx, i < j)
+    # Candidate pairs are i * n + j (positions in idx, i < j). A bucket of s records proposes s(s-1)/2 of them
+    # in every band it forms, so they are made in blocks of about CANDIDATE_BLOCK and screened at once: only
+    # those whose signatures agree on nearly min_jaccard of their positions are kept (the estimate of J has std
+    # sqrt(J(1-J)/P), 0.035 at J=0.8, P=128: a 0.15 margin loses nothing). Memory stays at a block plus the
+    # plausible pairs, however large a bucket of near-identical records gets.
+    cand = np.empty(0, dtype=np.int64)
     for band in range(bands):
         with np.errstate(over="ignore"):
             key = sig[:, band * rows : (band + 1) * rows].astype(np.uint64) @ mix  # (n,) a 64-bit bucket key per record
@@ -445,27 +464,70 @@ def similar_pairs(shingle_sets, min_jaccard: float, num_perm: int = 128, seed: i
         k = key[order]
         starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
         lens = np.diff(np.r_[starts, n])
-        for s, size in zip(starts[lens > 1], lens[lens > 1]):
-            members = np.sort(order[s : s + size])
-            i, j = np.triu_indices(size, 1)
-            found.append(members[i] * n + members[j])
-    if not found:
-        return []
-    cand = np.unique(np.concatenate(found))
+        block, in_block, kept = [], 0, [cand]
+        for s, size in zip(starts[lens > 1].tolist(), lens[lens > 1].tolist()):
+            for part in _bucket_pairs(np.sort(order[s : s + size]), n):
+                block.append(part)
+                in_block += len(part)
+                if in_block >= CANDIDATE_BLOCK:
+                    kept.append(_plausible(np.concatenate(block), cand, sig, n, min_jaccard - 0.15))
+                    block, in_block = [], 0
+        if block:
+            kept.append(_plausible(np.concatenate(block), cand, sig, n, min_jaccard - 0.15))
+        cand = np.sort(np.concatenate(kept), kind="stable")  # no pair twice: _plausible skipped the known ones
     ci, cj = cand // n, cand % n
-    # the signature estimate of J has std sqrt(J(1-J)/P) (0.035 at J=0.8, P=128): a 0.15 margin loses nothing
-    agree = np.empty(len(cand))
-    for c0 in range(0, len(cand), 1 << 16):
-        agree[c0 : c0 + (1 << 16)] = (sig[ci[c0 : c0 + (1 << 16)]] == sig[cj[c0 : c0 + (1 << 16)]]).mean(axis=1)
-    keep = agree >= min_jaccard - 0.15
+    # Verified one connected group of candidates after another (a cluster of near-duplicates together), with
+    # the shingle sets in an LRU cache of VERIFY_CACHE: each set is made about once, and memory holds that many
+    # sets rather than every set in some pair (a set of shingles takes ~10x its text).
+    linked = UnionFind(n)
+    for i, j in zip(map(int, ci), map(int, cj)):
+        linked.union(i, j)
+    order = np.lexsort((cj, ci, np.fromiter((linked.find(int(i)) for i in ci), dtype=np.int64, count=len(ci))))
+    made = functools.lru_cache(maxsize=VERIFY_CACHE)(shingle_sets.__getitem__)
     pairs = []
-    a_s, b_s = idx[ci[keep]].tolist(), idx[cj[keep]].tolist()
-    made = {i: shingle_sets[i] for i in sorted(set(a_s) | set(b_s))}  # each set made once, only those in a pair
-    for a, b in zip(a_s, b_s):
-        sim = jaccard(made[a], made[b])
+    for a, b in zip(map(int, idx[ci[order]]), map(int, idx[cj[order]])):
+        sim = jaccard(made(a), made(b))
         if sim >= min_jaccard:
             pairs.append((a, b, sim))
     return sorted(pairs)
+
+
+def _bucket_pairs(members, n: int):
+    """The pairs of one LSH bucket (`members`: sorted positions) as i * n + j, in blocks of at most about
+    CANDIDATE_BLOCK (rows of the upper triangle: row r pairs members[r] with every later member)."""
+    import numpy as np
+
+    size = len(members)
+    if size * (size - 1) // 2 <= CANDIDATE_BLOCK:
+        i, j = np.triu_indices(size, 1)
+        yield members[i] * n + members[j]
+        return
+    r0 = 0
+    while r0 < size - 1:
+        r1, count = r0 + 1, size - 1 - r0  # rows r0 .. r1-1; row r has size-1-r pairs
+        while r1 < size - 1 and count + size - 1 - r1 <= CANDIDATE_BLOCK:
+            count += size - 1 - r1
+            r1 += 1
+        row_of = np.repeat(np.arange(r0, r1), size - 1 - np.arange(r0, r1))  # (count,)
+        first = np.r_[0, np.cumsum(size - 1 - np.arange(r0, r1 - 1))]  # where each row starts in the block
+        j = np.arange(count) - np.repeat(first, size - 1 - np.arange(r0, r1)) + row_of + 1
+        yield members[row_of] * n + members[j]
+        r0 = r1
+
+
+def _plausible(cand, known, sig, n: int, min_agree: float):
+    """The candidates (i * n + j) not in `known` (sorted: earlier bands' plausible pairs) whose signatures agree
+    on at least `min_agree` of their positions."""
+    import numpy as np
+
+    if len(known):
+        at = np.searchsorted(known, cand).clip(max=len(known) - 1)
+        cand = cand[known[at] != cand]
+    keep = np.empty(len(cand), dtype=bool)
+    for c0 in range(0, len(cand), 1 << 14):  # (16,384, P) uint32 rows at a time: 8 MB per side
+        c = cand[c0 : c0 + (1 << 14)]
+        keep[c0 : c0 + len(c)] = (sig[c // n] == sig[c % n]).mean(axis=1) >= min_agree
+    return cand[keep]
 
 
 class UnionFind:

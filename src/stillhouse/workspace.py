@@ -7,6 +7,7 @@ with outputs unchanged, is skipped. Stages talk to each other only through these
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from stillhouse.errors import StillhouseError
@@ -37,21 +39,30 @@ def stage_dir(workspace: Path, stage: str) -> Path:
 # ----------------------------------------------------------------------------------------------- atomic I/O
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_writer(path: Path):
+    """A binary file to write `path` through: a temp file in the same folder, fsynced and renamed over `path`
+    when the block ends without an error (removed if it raises): readers never see half a file, and a file too
+    large to build in memory can be written piece by piece."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -83,8 +94,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object a line, written atomically; `rows` may be a generator (written as it yields)."""
+    with atomic_writer(path) as f:
+        for r in rows:
+            f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 # -------------------------------------------------------------------------------------------------- hashing

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import errno
 import fnmatch
 import functools
@@ -48,8 +49,11 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import time
 import warnings
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +63,8 @@ from stillhouse.errors import StillhouseError
 from stillhouse.general import general_records
 from stillhouse.general import source_path as general_source
 from stillhouse.textproc import Block
-from stillhouse.workspace import STAGES, StageRun, atomic_write_json, atomic_write_text, stage_dir, write_jsonl
+from stillhouse.workspace import (STAGES, StageRun, atomic_write_json, atomic_write_text, atomic_writer, stage_dir,
+                                  write_jsonl)
 
 DOCUMENT_TYPES = {".pdf": "PDF", ".docx": "Word", ".html": "HTML", ".htm": "HTML", ".md": "Markdown",
                   ".markdown": "Markdown", ".txt": "text", ".eml": "e-mail"}
@@ -72,6 +77,7 @@ SPLIT_GROUP_MARGIN = 0.2
 REVIEW_TEXT_CHARS = 2000  # per review.csv row, so the sheet stays readable
 REPORT_CLUSTERS = 200  # duplicate clusters listed in report.json (all are counted)
 REPORT_LIST = 1000  # records dropped for a PII kind listed in report.json (all are counted)
+PII_BATCH = 1024  # records masked per batch (one batched pass of prep.pii_model's NER over them)
 
 # Built-in sensitivity marks (regex sources), highest level first. They count in the forms that MARK a text --
 # an all-caps stamp ("CONFIDENTIAL" in a page header), "Classification: Secret", "internal use only", "this
@@ -114,7 +120,95 @@ class _Item:
     raw_text: str = ""  # its messages before PII masking (for the sensitivity marks)
     pii_kinds: list[str] = field(default_factory=list)
     origin: str = ""  # what it was made from, for the review sheet ("section of 412 chars", "row mapped by ...")
-    reident: str = ""  # why its quasi-identifiers may single a person out (stillhouse.reident); review shows these first
+
+
+class _Spool:
+    """Items (or, with raw=True, plain dicts) on disk between the steps: a JSON line each in one file, read back
+    by byte offset. prep holds 8 bytes of offset a record instead of the record, so a corpus larger than RAM
+    streams through. The file is in data/resume/ (it may hold text before PII masking) and goes with it."""
+
+    def __init__(self, path: Path, raw: bool = False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.raw = path, raw
+        self.offsets = array("q")
+        self.changed: dict[int, _Item] = {}  # items changed after they were written (reident's generalize)
+        self._file = open(path, "w+b")  # noqa: SIM115  (closed by close(), at the end of the run)
+        self._end = 0
+
+    def append(self, obj) -> int:
+        """Write one item (dict if raw); returns its position."""
+        line = json.dumps(obj if self.raw else dataclasses.asdict(obj), ensure_ascii=False).encode("utf-8") + b"\n"
+        self._file.seek(self._end)
+        self._file.write(line)
+        self.offsets.append(self._end)
+        self._end += len(line)
+        return len(self.offsets) - 1
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int):
+        if i in self.changed:
+            return self.changed[i]
+        self._file.seek(self.offsets[i])
+        obj = json.loads(self._file.readline())
+        return obj if self.raw else _Item(**obj)
+
+    def lines(self):
+        """Every line as written (bytes without the newline), in order."""
+        self._file.flush()
+        with open(self.path, "rb") as f:
+            for line in f:
+                yield line.rstrip(b"\n")
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _Records:
+    """A spool's records as the sequence reident.assess reads, and writes generalized records back to (those
+    stay in memory, in spool.changed)."""
+
+    def __init__(self, spool: _Spool):
+        self.spool = spool
+
+    def __len__(self) -> int:
+        return len(self.spool)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.spool[i].record
+
+    def __setitem__(self, i: int, record: dict) -> None:
+        item = self.spool[i]
+        item.record = record
+        self.spool.changed[i] = item
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class _Lazy(Sequence):
+    """get(0), get(1), ... made when asked for, not kept (texts read from a spool)."""
+
+    def __init__(self, get, n: int):
+        self.get, self.n = get, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.get(i)
+
+
+def _meta(item: _Item) -> tuple[str, str, bool, str]:
+    """What the split, the task counts and the review sample need of a record, kept in memory:
+    (task, label -- a classification record's answer, the split's stratum --, labeled, file suffix)."""
+    rec = item.record
+    label = rec["messages"][-1]["content"] if rec["task"] == "classification" and item.labeled else ""
+    return (sys.intern(rec["task"]), sys.intern(label), item.labeled, sys.intern(Path(rec["source"]["file"]).suffix.lower()))
 
 
 # ================================================================================================== run
@@ -175,9 +269,11 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
     clean = {"header_footer_lines": 0, "page_number_lines": 0, "boilerplate_paragraphs": 0, "noise_paragraphs": 0,
              "sections_dropped": {}}
     used_stems: dict[str, str] = {}
-    per_file: list[tuple[str, str, list[_Item], list[dict]]] = []  # (rel, stem, table records, documents), in file order
+    per_file: list[tuple[str, str, Path, tuple | None]] = []  # (rel, stem, cache file, table mapping), in file order
+    repeated = textproc.RepeatedParagraphs()  # the paragraphs many documents share (a disclaimer, a copyright line)
     with _mapper(workers, len(jobs)) as map_, progress_bar("prep: reading", total=len(files), unit="file") as advance:
         results = map_(_extract_file, jobs)
+        cache_of = {Path(job[0]): Path(job[1]) for job in jobs}
         for path in files:
             rel = _rel(cfg, path)
             advance(0, info=path.name)
@@ -187,7 +283,7 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
             if "table" in res:
                 found = _find_mapping(path, rel, pc.tables)
                 if found:
-                    per_file.append((rel, stem, _table_items(rel, stem, res["table"], found, extract), []))
+                    per_file.append((rel, stem, cache_of[path], found))
                 else:
                     columns = res["table"]["columns"]
                     res = {"kind": "no table mapping", "quarantine": (
@@ -195,7 +291,9 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
                         f"e.g. prep.tables: [{{pattern: '{path.name}', task: classification, input: "
                         f"{columns[0] if columns else 'text'}, output: label}}]")}
             if "documents" in res:
-                per_file.append((rel, stem, [], res["documents"]))
+                per_file.append((rel, stem, cache_of[path], None))
+                for d in res["documents"]:
+                    repeated.add(b[0] for b in d["blocks"] if not b[2])
                 extract["attachments"] += sum(d.get("attached", False) for d in res["documents"])
                 extract["attachments_skipped"] += [f"{rel}: {a}" for d in res["documents"] for a in d.get("skipped", [])]
             if "quarantine" in res:
@@ -204,19 +302,27 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
             kind = path.suffix.lower() or "(none)"
             extract["by_type"][kind] = extract["by_type"].get(kind, 0) + 1
             advance(1)
-    # the paragraphs many documents share (a disclaimer, a copyright line) are known only now
-    boilerplate = textproc.repeated_across_documents(
-        [[b[0] for d in docs for b in d["blocks"] if not b[2]] for *_, docs in per_file if docs], pc.boilerplate_min_docs)
-    items: list[_Item] = []
-    for rel, stem, rows, docs in per_file:
-        items += rows
-        n_before = len(items)
-        for doc in docs:
-            items += _document_items(rel, stem, len(items) - n_before, doc, boilerplate, pc, extract, clean)
+    # Records are made in a second pass over the cached extractions, once the boilerplate is known, and go to a
+    # spool file: from here on memory holds a few small fields per record, not the records (a corpus larger than
+    # RAM streams through; the spools live in data/resume/ and go with it).
+    boilerplate = repeated.keys(pc.boilerplate_min_docs)
+    items = _Spool(out / "resume" / "records.jsonl")
+    labeled: list[bool] = []
+    exact_keys: list[str] = []  # textproc.dedup_key per record
+    for rel, stem, cache_file, found in per_file:
+        res = json.loads(cache_file.read_text(encoding="utf-8"))
+        new = _table_items(rel, stem, res["table"], found, extract) if found else []
+        for doc in res.get("documents", []):
+            new += _document_items(rel, stem, len(new), doc, boilerplate, pc, extract, clean)
+        for item in new:
+            items.append(item)
+            labeled.append(item.labeled)
+            exact_keys.append(textproc.dedup_key(item.dedup_text))
+    del per_file, repeated, boilerplate
     seconds["extract"] = round(time.time() - t0, 2)
     extract["quarantined"] = len(quarantined)
     report.update(extract=extract, clean=clean, quarantine=quarantined)
-    if not items:
+    if not len(items):
         why = f"; {len(quarantined)} quarantined (reasons in {out / 'quarantine'})" if quarantined else ""
         raise StillhouseError(
             f"prep found no records in {', '.join(report['sources'])} ({len(files)} files{why}); supported file "
@@ -225,58 +331,71 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
 
     # 4: deduplicate -------------------------------------------------------------------------------------
     t = time.time()
-    items, groups, report["dedup"] = _deduplicate(items, pc.near_dup_threshold)
+    kept, groups, report["dedup"] = _deduplicate(items, exact_keys, labeled, pc.near_dup_threshold)
+    del exact_keys, labeled
     seconds["dedup"] = round(time.time() - t, 2)
 
-    # 5-6: PII and sensitivity ---------------------------------------------------------------------------
+    # 5-6: PII and sensitivity: each kept record masked and written to a second spool -----------------------
     t = time.time()
     actions = _pii_actions(pc.pii_action)
     key = _pii_key(cfg) if "pseudonymize" in actions.values() else None
-    model_spans = _model_spans(cfg, items)  # prep.pii_model's spans, merged with the rules' in _apply_pii
-    private: list[dict] = []
+    detector = _pii_detector(cfg)  # prep.pii_model's, if any: its spans are merged with the rules' in _apply_pii
+    masked = _Spool(out / "resume" / "masked.jsonl")
+    private = _Spool(out / "resume" / "pii_private.jsonl", raw=True)  # the originals, for pii_private.json
+    meta: list[tuple] = []  # per masked record: (task, label for the split's strata, labeled, file suffix)
+    live: list[int] = []  # the masked records that go on, in order (positions in `masked`)
+    live_groups: list[int] = []
     pii_counts: dict[str, int] = {}
     levels: dict[str, int] = {}
+    with_pii = 0
     dropped_pii: dict = {"records": 0, "by_kind": {}, "list": []}  # records holding a value of a `drop` kind
     excluded: dict[str, dict] = {}  # file -> its records above max_sensitivity
-    kept_items, kept_groups, dropped_sensitive = [], [], 0
+    dropped_sensitive = 0
     max_level = SENSITIVITY_LEVELS.index(pc.max_sensitivity)
-    for item, group, extra in zip(items, groups, model_spans):
-        found = _apply_pii(item, actions, key, extra)
-        level, why = _sensitivity(item, found, pc)
-        item.record["sensitivity"] = level
-        levels[level] = levels.get(level, 0) + 1
-        rec, src = item.record, item.record["source"]
-        # neither kind of left-out record is written, so its PII is not anyone's to probe either (pii_private.json)
-        if drop_kinds := sorted({s.kind for s in found if actions[s.kind] == "drop"}):
-            dropped_pii["records"] += 1
-            for kind in drop_kinds:
-                dropped_pii["by_kind"][kind] = dropped_pii["by_kind"].get(kind, 0) + 1
-            if len(dropped_pii["list"]) < REPORT_LIST:
-                dropped_pii["list"].append({"id": rec["id"], "file": src["file"], "location": src["location"], "kinds": drop_kinds})
-            continue
-        if SENSITIVITY_LEVELS.index(level) > max_level:
-            dropped_sensitive += 1
-            doc = excluded.setdefault(src["file"], {"file": src["file"], "level": level, "records": 0, "why": []})
-            doc["records"] += 1
-            doc["level"] = max(doc["level"], level, key=SENSITIVITY_LEVELS.index)
-            if why not in doc["why"]:
-                doc["why"].append(why)
-            continue
-        for span in found:
-            private.append({"kind": span.kind, "value": span.value, "record_id": rec["id"]})
-            pii_counts[span.kind] = pii_counts.get(span.kind, 0) + 1
-        kept_items.append(item)
-        kept_groups.append(group)
-    items, groups = kept_items, kept_groups
+    for b0 in range(0, len(kept), PII_BATCH):
+        batch = [items[i] for i in kept[b0 : b0 + PII_BATCH]]
+        for item, group, extra in zip(batch, groups[b0 : b0 + PII_BATCH], _model_spans(detector, batch)):
+            found = _apply_pii(item, actions, key, extra)
+            level, why = _sensitivity(item, found, pc)
+            item.record["sensitivity"] = level
+            levels[level] = levels.get(level, 0) + 1
+            rec, src = item.record, item.record["source"]
+            # neither kind of left-out record is written, so its PII is not anyone's to probe either (pii_private.json)
+            if drop_kinds := sorted({s.kind for s in found if actions[s.kind] == "drop"}):
+                dropped_pii["records"] += 1
+                for kind in drop_kinds:
+                    dropped_pii["by_kind"][kind] = dropped_pii["by_kind"].get(kind, 0) + 1
+                if len(dropped_pii["list"]) < REPORT_LIST:
+                    dropped_pii["list"].append({"id": rec["id"], "file": src["file"], "location": src["location"], "kinds": drop_kinds})
+                continue
+            if SENSITIVITY_LEVELS.index(level) > max_level:
+                dropped_sensitive += 1
+                doc = excluded.setdefault(src["file"], {"file": src["file"], "level": level, "records": 0, "why": []})
+                doc["records"] += 1
+                doc["level"] = max(doc["level"], level, key=SENSITIVITY_LEVELS.index)
+                if why not in doc["why"]:
+                    doc["why"].append(why)
+                continue
+            for span in found:
+                private.append({"kind": span.kind, "value": span.value, "record_id": rec["id"]})
+                pii_counts[span.kind] = pii_counts.get(span.kind, 0) + 1
+            with_pii += bool(item.pii_kinds)
+            item.raw_text = ""  # the unmasked text is not needed again
+            live.append(masked.append(item))
+            live_groups.append(group)
+            meta.append(_meta(item))
+    items.close()
+    del kept, groups
+    groups = live_groups
     dropped_pii["by_kind"] = dict(sorted(dropped_pii["by_kind"].items()))
     report["pii"] = {"action": pc.pii_action, "values": len(private), "by_kind": dict(sorted(pii_counts.items())),
-                     "records_with_pii": sum(1 for it in items if it.pii_kinds), "dropped": dropped_pii,
+                     "records_with_pii": with_pii, "dropped": dropped_pii,
                      "model": None if pc.pii_model is None else {"kind": pc.pii_model.kind, "path": pc.pii_model.path}}
     report["sensitivity"] = {"counts": {lv: levels.get(lv, 0) for lv in SENSITIVITY_LEVELS},
                              "max": pc.max_sensitivity, "dropped_above_max": dropped_sensitive,
                              "excluded_documents": sorted(excluded.values(), key=lambda d: d["file"])}
     seconds["pii_and_sensitivity"] = round(time.time() - t, 2)
-    if not items:
+    if not live:
         raise StillhouseError(
             f"prep: no record is left after PII and sensitivity: {dropped_pii['records']} held a PII kind whose "
             f"prep.pii_action is drop, {dropped_sensitive} were above prep.max_sensitivity={pc.max_sensitivity}; "
@@ -284,77 +403,95 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
         )
 
     # 6b: re-identification risk: QI combinations fewer than k records share (stillhouse.reident) ----------
+    risk: dict[int, str] = {}  # masked position -> why its quasi-identifiers may single a person out
     if pc.reident.enabled:
-        reasons, report["reident"] = reident.assess([it.record for it in items], pc.reident, out / "reident.csv")
-        for it, why in zip(items, reasons):
-            it.reident = why
+        reasons, report["reident"] = reident.assess(_Records(masked), pc.reident, out / "reident.csv")
+        risk = {p: why for p, why in enumerate(reasons) if why}
         if pc.reident.action == "drop":
-            items, groups = [it for it in items if not it.reident], [g for it, g in zip(items, groups) if not it.reident]
-            report["reident"]["dropped"] = len(reasons) - len(items)
+            keep = [p not in risk for p in live]
+            live, groups = [p for p, k in zip(live, keep) if k], [g for g, k in zip(groups, keep) if k]
+            report["reident"]["dropped"] = len(keep) - len(live)
     else:
         (out / "reident.csv").unlink(missing_ok=True)  # a previous run's list is not about these records
 
     # 6c: QA pairs the teacher writes from document sections (stillhouse.docqa), in their section's group -----
     if pc.document_qa.enabled:
         t = time.time()
-        items, groups, report["document_qa"] = _document_qa(cfg, items, groups, out / "resume" / "docqa", actions, key)
+        live, groups, report["document_qa"] = _document_qa(cfg, masked, meta, live, groups, out / "resume" / "docqa",
+                                                           actions, key)
         seconds["document_qa"] = round(time.time() - t, 2)
 
     # 7: split ---------------------------------------------------------------------------------------------
-    splits = _split(items, groups, pc.val_fraction, pc.test_fraction, pc.seed)
-    by_split = {name: [items[i].record for i in range(len(items)) if splits[i] == name] for name in ("train", "val", "test")}
+    splits = _split([meta[p] for p in live], groups, pc.val_fraction, pc.test_fraction, pc.seed)
     tasks: dict[str, dict[str, int]] = {}
-    for item, s in zip(items, splits):
-        task = tasks.setdefault(item.record["task"], {"train": 0, "val": 0, "test": 0, "unlabeled": 0})
-        task[s] += 1
-        task["unlabeled"] += 0 if item.labeled else 1
-    report["split"] = {name: len(recs) for name, recs in by_split.items()}
-    report["split"]["unlabeled_in_train"] = sum(1 for it in items if not it.labeled)
+    for p, s in zip(live, splits):
+        task, _label, is_labeled, _suffix = meta[p]
+        counts = tasks.setdefault(task, {"train": 0, "val": 0, "test": 0, "unlabeled": 0})
+        counts[s] += 1
+        counts["unlabeled"] += 0 if is_labeled else 1
+    report["split"] = {name: splits.count(name) for name in ("train", "val", "test")}
+    report["split"]["unlabeled_in_train"] = sum(1 for p in live if not meta[p][2])
     report["tasks"] = tasks
 
     # 7b: general-purpose data (stillhouse.general): a share of train, and held-out records in test ------
+    extra: dict[str, list[dict]] = {"train": [], "val": [], "test": []}  # records after the split's own
     if pc.general.share > 0:
         general_train, general_test, report["general"] = general_records(
-            pc.general, len(by_split["train"]), cfg.workspace,
+            pc.general, report["split"]["train"], cfg.workspace,
             mask=None if set(actions.values()) == {"keep"} else (lambda text: _mask_text(text, actions, key)))
-        by_split["train"] += general_train
-        by_split["test"] += general_test
+        extra["train"] += general_train
+        extra["test"] += general_test
 
     # 8: canaries (train only, after the split so none can reach val/test) -------------------------------
     canaries_path = out / "canaries_private.json"
     if pc.canaries.enabled:
         canary_recs, canaries = canary_records(pc.canaries)
-        by_split["train"] += canary_recs
+        extra["train"] += canary_recs
         atomic_write_json(canaries_path, canaries)  # the secrets: only here (and in train.jsonl)
         report["canaries"] = {"canaries": len(canaries["canaries"]), "train_records": len(canary_recs)}
     else:
         canaries_path.unlink(missing_ok=True)  # a previous run's canaries are not in this train.jsonl
 
-    # 9: outputs -------------------------------------------------------------------------------------------
-    for name, recs in by_split.items():
-        write_jsonl(out / f"{name}.jsonl", recs)
-    per_source = {}
-    for rec in (r for recs in by_split.values() for r in recs):
-        per_source[rec["source"]["file"]] = per_source.get(rec["source"]["file"], 0) + 1
+    # 9: outputs, streamed from the spool -------------------------------------------------------------------
+    per_source: dict[str, int] = {}
+    for name in ("train", "val", "test"):
+        def records(name=name):
+            for p in (p for p, s in zip(live, splits) if s == name):
+                yield masked[p].record
+            yield from extra[name]
+
+        def counted(recs):
+            for rec in recs:
+                per_source[rec["source"]["file"]] = per_source.get(rec["source"]["file"], 0) + 1
+                yield rec
+
+        write_jsonl(out / f"{name}.jsonl", counted(records()))
     report["data_use"] = register.write_register(out / "register.md", pc.data_use, declared, run_.inputs, per_source)
-    atomic_write_json(out / "pii_private.json", private)  # the only place originals are written
-    _write_review(out, items, splits, pc, report)
+    with atomic_writer(out / "pii_private.json") as f:  # the only place originals are written
+        f.write(b"[")
+        for n, line in enumerate(private.lines()):
+            f.write((b",\n" if n else b"\n") + line)
+        f.write(b"\n]\n")
+    _write_review(out, masked, meta, live, splits, risk, pc, report)
+    masked.close()
+    private.close()
     seconds["total"] = round(time.time() - t0, 2)
     report["seconds"] = seconds
     atomic_write_json(out / "report.json", report)
-    # the extraction cache holds every document's text before PII masking: it exists only while a run may resume
+    # the extraction cache and the spools hold the text before PII masking: they exist only while a run may resume
     shutil.rmtree(out / "resume", ignore_errors=True)
 
+    n_train, n_val, n_test = (sum(1 for s in splits if s == name) + len(extra[name]) for name in ("train", "val", "test"))
     metrics = {
-        "files": len(files), "quarantined": len(quarantined), "records": len(items),
-        "train": len(by_split["train"]), "val": len(by_split["val"]), "test": len(by_split["test"]),
+        "files": len(files), "quarantined": len(quarantined), "records": len(live),
+        "train": n_train, "val": n_val, "test": n_test,
         "unlabeled": report["split"]["unlabeled_in_train"],
         "exact_duplicates": report["dedup"]["exact_duplicates"], "near_duplicates": report["dedup"]["near_duplicates"],
         "dropped_sensitivity": dropped_sensitive, "dropped_pii": dropped_pii["records"], "pii": report["pii"]["by_kind"],
         "tasks": {t: sum(v[s] for s in ("train", "val", "test")) for t, v in tasks.items()},
     }
     console.print(
-        f"prep: {len(files)} files ({len(quarantined)} quarantined) -> {len(items)} records "
+        f"prep: {len(files)} files ({len(quarantined)} quarantined) -> {len(live)} records "
         f"(train {metrics['train']}, val {metrics['val']}, test {metrics['test']}); duplicates dropped "
         f"{metrics['exact_duplicates']} exact + {metrics['near_duplicates']} near; PII {json.dumps(pc.pii_action)}: "
         f"{json.dumps(metrics['pii'])}, {dropped_pii['records']} records dropped for it; {dropped_sensitive} above "
@@ -366,11 +503,12 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
 # ========================================================================================== document QA
 
 
-def _document_qa(cfg: Config, items: list[_Item], groups: list[int], cache: Path, actions: dict[str, str],
-                 key: bytes | None) -> tuple[list[_Item], list[int], dict]:
+def _document_qa(cfg: Config, masked: "_Spool", meta: list[tuple], live: list[int], groups: list[int], cache: Path,
+                 actions: dict[str, str], key: bytes | None) -> tuple[list[int], list[int], dict]:
     """prep.document_qa: the teacher's grounded QA pairs from every document section (stillhouse.docqa). A pair
     joins its section's dedup group, so it lands in the same split (no leak through a paraphrase); its text is
-    PII-masked like the rest (the teacher read masked text, but it can invent a name)."""
+    PII-masked like the rest (the teacher read masked text, but it can invent a name). New records are appended
+    to `masked` and `meta`; returns the positions that go on (pairs after the records), their groups and counts."""
     from stillhouse import docqa
     from stillhouse.licenses import detect_license, license_decision
     from stillhouse.models import load_tokenizer, resolve_model
@@ -379,8 +517,8 @@ def _document_qa(cfg: Config, items: list[_Item], groups: list[int], cache: Path
     from stillhouse.ui import progress_bar
 
     dq = cfg.prep.document_qa
-    is_section = [it.record["task"] == "text" and it.labeled for it in items]
-    sections = [(it, g) for it, g, sec in zip(items, groups, is_section) if sec]
+    is_section = [meta[p][0] == "text" and meta[p][2] for p in live]
+    sections = [(p, g) for p, g, sec in zip(live, groups, is_section) if sec]
     src = resolve_model(cfg.teacher.model, cfg.workspace, cfg.teacher.sha256)  # the base teacher: adapt comes later
     gate = license_decision(detect_license(src)["license"], cfg.license)
     if gate["verdict"] == "stop":
@@ -391,12 +529,13 @@ def _document_qa(cfg: Config, items: list[_Item], groups: list[int], cache: Path
     fingerprint = f"{src.path}|{src.path.stat().st_mtime_ns}|{dq.model_dump_json()}|{docqa.QUESTION_PROMPT}|{docqa.ANSWER_PROMPT}"
     with progress_bar("prep: teacher QA", total=len(sections), unit="section") as advance:
         pairs, counts = docqa.write_pairs(
-            [{"id": it.record["id"], "title": Path(it.record["source"]["file"]).stem, "text": response_text(it.record)}
-             for it, _ in sections], model, tok, dq, cache, fingerprint, progress=advance)
+            [{"id": rec["id"], "title": Path(rec["source"]["file"]).stem, "text": response_text(rec)}
+             for rec in (masked[p].record for p, _ in sections)], model, tok, dq, cache, fingerprint, progress=advance)
     keep = [dq.keep_sections or not sec for sec in is_section]  # without keep_sections: pairs replace sections
-    kept = [it for it, k in zip(items, keep) if k]
+    kept = [p for p, k in zip(live, keep) if k]
     kept_groups = [g for g, k in zip(groups, keep) if k]
-    for it, g in sections:
+    for p, g in sections:
+        it = masked[p]
         for n, pair in enumerate(pairs.get(it.record["id"], [])):
             q, q_spans = _mask_text(pair["question"], actions, key)
             a, a_spans = _mask_text(pair["answer"], actions, key)
@@ -412,7 +551,8 @@ def _document_qa(cfg: Config, items: list[_Item], groups: list[int], cache: Path
                                   "sample": pair["sample"]}}
             new = _Item(rec, f"{q}\n{a}", labeled=True, origin=f"teacher-written QA pair from {it.record['id']}",
                         pii_kinds=sorted({s.kind for s in q_spans + a_spans} | set(it.pii_kinds)))
-            kept.append(new)
+            kept.append(masked.append(new))
+            meta.append(_meta(new))
             kept_groups.append(g)
     del model
     return kept, kept_groups, counts
@@ -1066,23 +1206,26 @@ def _read_eml(data: bytes, name: str, ocr_mode: str, ocr_languages: str, marks: 
 # ========================================================================================== dedup, pii
 
 
-def _deduplicate(items: list[_Item], threshold: float) -> tuple[list[_Item], list[int], dict]:
+def _deduplicate(items: Sequence[_Item], keys: list[str], labeled: list[bool], threshold: float
+                 ) -> tuple[list[int], list[int], dict]:
     """Drop exact and near duplicates, keeping the first of each cluster -- labeled records before unlabeled
-    ones, so an utterance in both the labeled and the unlabeled file keeps its label. Returns the kept items,
-    a split-group id per kept item (records at least threshold - SPLIT_GROUP_MARGIN similar share one) and
-    the report."""
-    n = len(items)
-    rank = {i: r for r, i in enumerate(sorted(range(n), key=lambda i: (not items[i].labeled, i)))}
+    ones, so an utterance in both the labeled and the unlabeled file keeps its label. `keys`: each item's
+    textproc.dedup_key; items are read only for their text (shingles, made on demand) and the report. Returns
+    the kept items' positions, a split-group id per kept item (records at least threshold - SPLIT_GROUP_MARGIN
+    similar share one) and the report."""
+    n = len(keys)
+    rank = {i: r for r, i in enumerate(sorted(range(n), key=lambda i: (not labeled[i], i)))}
     # exact: equal normalized text
     first: dict[str, int] = {}
     exact_of: dict[int, int] = {}  # duplicate -> the record it repeats
     for i in sorted(range(n), key=rank.get):
-        exact_of_i = first.setdefault(textproc.dedup_key(items[i].dedup_text), i)
+        exact_of_i = first.setdefault(keys[i], i)
         if exact_of_i != i:
             exact_of[i] = exact_of_i
     unique = sorted(first.values())
+    del first
     # near: verified similar pairs among the exact-unique records (positions in `unique`)
-    sets = textproc.LazyShingles([items[i].dedup_text for i in unique])  # made on demand: memory stays ~signatures
+    sets = textproc.LazyShingles(_Lazy(lambda k: items[unique[k]].dedup_text, len(unique)))  # memory: ~signatures
     group_threshold = max(0.3, threshold - SPLIT_GROUP_MARGIN)
     pairs = textproc.similar_pairs(sets, group_threshold)
     dup = textproc.UnionFind(len(unique))
@@ -1104,7 +1247,7 @@ def _deduplicate(items: list[_Item], threshold: float) -> tuple[list[_Item], lis
         if i == k:
             continue
         c = clusters.setdefault(k, {"kept": items[k].record["id"], "exact": [], "near": []})
-        if textproc.dedup_key(items[i].dedup_text) == textproc.dedup_key(items[k].dedup_text):
+        if keys[i] == keys[k]:
             c["exact"].append(items[i].record["id"])
         else:
             sim = textproc.jaccard(textproc.shingles(items[i].dedup_text), textproc.shingles(items[k].dedup_text))
@@ -1124,7 +1267,7 @@ def _deduplicate(items: list[_Item], threshold: float) -> tuple[list[_Item], lis
         "split_group_threshold": round(group_threshold, 3), "similar_pairs_kept_together": linked,
         "clusters_total": len(clusters), "clusters": [clusters[k] for k in sorted(clusters)][:REPORT_CLUSTERS],
     }
-    return [items[i] for i in kept], [groups.find(p) for p in range(len(kept))], report
+    return kept, [groups.find(p) for p in range(len(kept))], report
 
 
 def _pii_actions(action: str | dict[str, str]) -> dict[str, str]:
@@ -1168,13 +1311,19 @@ def _apply_pii(item: _Item, actions: dict[str, str], key: bytes | None,
     return found
 
 
-def _model_spans(cfg: Config, items: list[_Item]) -> list[list[list[pii.Span]] | None]:
-    """The NER backend's spans (prep.pii_model) per item, per non-system message; None per item without one."""
+def _pii_detector(cfg: Config):
+    """prep.pii_model's detector (stillhouse.pii_model), loaded once; None without one."""
     if cfg.prep.pii_model is None:
-        return [None] * len(items)
+        return None
     from stillhouse import pii_model
 
-    detector = pii_model.load(cfg.prep.pii_model, Path(cfg.workspace))
+    return pii_model.load(cfg.prep.pii_model, Path(cfg.workspace))
+
+
+def _model_spans(detector, items: list[_Item]) -> list[list[list[pii.Span]] | None]:
+    """The NER backend's spans per item, per non-system message; None per item without a detector."""
+    if detector is None:
+        return [None] * len(items)
     turns = [[m["content"] for m in it.record["messages"] if m["role"] != "system"] for it in items]
     flat = iter(detector.find([t for ts in turns for t in ts]))  # one batched pass over every text
     return [[next(flat) for _ in ts] for ts in turns]
@@ -1246,22 +1395,21 @@ def _pii_key(cfg: Config) -> bytes:
 # =============================================================================================== split
 
 
-def _split(items: list[_Item], groups: list[int], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
-    """A split name per item. Unlabeled records -> train (the teacher labels them). Labeled records are
+def _split(meta: list[tuple], groups: list[int], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
+    """A split name per record (`meta`: its _meta tuple). Unlabeled records -> train (the teacher labels them). Labeled records are
     assigned per task by whole groups (similar records stay together), walking the groups stratum by stratum
     -- (task, label) for classification -- and sending a group to test/val whenever the running share owed to
     that split reaches one record. That keeps every label in proportion where it can be, and still gives
     val/test their share when labels have only a few examples each (per-label rounding would give none)."""
-    out = ["train"] * len(items)
+    out = ["train"] * len(meta)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
-        if items[i].labeled:
+        if meta[i][2]:  # labeled
             members.setdefault(g, []).append(i)
     strata: dict[str, dict[str, list[list[int]]]] = {}  # task -> label -> groups
     for idx in members.values():
-        rec = items[idx[0]].record
-        label = rec["messages"][-1]["content"] if rec["task"] == "classification" else ""
-        strata.setdefault(rec["task"], {}).setdefault(label, []).append(sorted(idx))
+        task, label, *_ = meta[idx[0]]
+        strata.setdefault(task, {}).setdefault(label, []).append(sorted(idx))
     rng = random.Random(seed)
     for task in sorted(strata):
         labels = sorted(strata[task])
@@ -1281,41 +1429,46 @@ def _split(items: list[_Item], groups: list[int], val_fraction: float, test_frac
     return out
 
 
-def _review_sample(items: list[_Item], n: int, seed: int) -> list[int]:
-    """n item indices, stratified by (task, file type): every stratum gets one pick before any gets a second
-    (as far as n goes; which ones, when n is smaller, is random), then picks go to the stratum with the smallest
-    share sampled so far -- proportional allocation, so 30 document sections next to 2,000 intents still show."""
+def _review_sample(kinds: list[tuple[str, str]], n: int, seed: int) -> list[int]:
+    """n record indices, stratified by `kinds` (task, file type) per record: every stratum gets one pick before
+    any gets a second (as far as n goes; which ones, when n is smaller, is random), then picks go to the stratum
+    with the smallest share sampled so far -- proportional allocation, so 30 document sections next to 2,000
+    intents still show."""
     rng = random.Random(seed)
     strata: dict[tuple[str, str], list[int]] = {}
-    for i, it in enumerate(items):
-        strata.setdefault((it.record["task"], Path(it.record["source"]["file"]).suffix.lower()), []).append(i)
+    for i, kind in enumerate(kinds):
+        strata.setdefault(kind, []).append(i)
     pools = {k: rng.sample(v, len(v)) for k, v in sorted(strata.items())}
     order = dict(zip(pools, rng.sample(range(len(pools)), len(pools))))
     taken = dict.fromkeys(pools, 0)
     pick = []
-    for _ in range(min(n, len(items))):
+    for _ in range(min(n, len(kinds))):
         k = min((k for k in pools if taken[k] < len(pools[k])), key=lambda k: (taken[k] > 0, taken[k] / len(pools[k]), order[k]))
         pick.append(pools[k][taken[k]])
         taken[k] += 1
     return sorted(pick)
 
 
-def _write_review(out: Path, items: list[_Item], splits: list[str], pc, report: dict) -> None:
+def _write_review(out: Path, masked: _Spool, meta: list[tuple], live: list[int], splits: list[str],
+                  risk: dict[int, str], pc, report: dict) -> None:
     """data/review.csv and data/review.html: a stratified random sample for a person to read before training --
     where each record came from, why it was kept, how sensitive it is, which PII kinds were replaced, and the
-    text as it will be trained on."""
+    text as it will be trained on. `live`: the records' positions in `masked`, `splits` theirs; `risk`: the
+    reident reasons by position (those records are shown first)."""
     dup_counts = {c["kept"]: len(c["exact"]) + len(c["near"]) for c in report["dedup"].get("clusters", [])}
     actions = _pii_actions(pc.pii_action)
     rows = []
-    at_risk = [i for i, it in enumerate(items) if it.reident][: pc.review_sample_size]  # first, then the sample
-    for i in at_risk + [i for i in _review_sample(items, pc.review_sample_size, pc.seed) if not items[i].reident]:
-        it, rec = items[i], items[i].record
+    at_risk = [i for i, p in enumerate(live) if p in risk][: pc.review_sample_size]  # first, then the sample
+    sample = _review_sample([(meta[p][0], meta[p][3]) for p in live], pc.review_sample_size, pc.seed)
+    for i in at_risk + [i for i in sample if live[i] not in risk]:
+        it = masked[live[i]]
+        rec, why_risk = it.record, risk.get(live[i], "")
         dups = dup_counts.get(rec["id"], 0)
         kept = [it.origin, f"kept over {dups} duplicate(s)" if dups else "no earlier duplicate",
                 f"sensitivity {rec['sensitivity']} <= prep.max_sensitivity {pc.max_sensitivity}",
                 "; ".join(f"PII {a}: {', '.join(k for k in it.pii_kinds if actions[k] == a)}"
                           for a in dict.fromkeys(actions[k] for k in it.pii_kinds)) if it.pii_kinds else "no PII found"]
-        kept += [it.reident] if it.reident else []
+        kept += [why_risk] if why_risk else []
         text = "\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"] if m["role"] != "system")
         rows.append({"id": rec["id"], "split": splits[i], "task": rec["task"], "file": rec["source"]["file"],
                      "location": rec["source"]["location"], "sensitivity": rec["sensitivity"],
@@ -1326,7 +1479,7 @@ def _write_review(out: Path, items: list[_Item], splits: list[str], pc, report: 
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(out / "review.csv", buf.getvalue())
-    atomic_write_text(out / "review.html", _review_html(rows, len(items), pc.seed))
+    atomic_write_text(out / "review.html", _review_html(rows, len(live), pc.seed))
 
 
 _MASK = re.compile(r"\[[A-Z][A-Z_]*\]")  # [EMAIL], [PERSON], ... as pii.mask writes them
