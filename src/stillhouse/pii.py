@@ -11,15 +11,18 @@ THAI_ID (Thai national ID, mod-11 checksum), IP (v4/v6), URL (only URLs that nam
 /~jsmith, ?email=...), DOB (a date after "born on", "DOB", ...), ADDRESS (house number + street suffix, European
 street words, post boxes, words + number after "address:" / "lives on" / "at", "56 rue La Boétie", an "Address:"
 form field, "A and <street>", "at <number> <unknown words>", a street without a number after "on" / "at"
-("lives on Baker Street"), Italian, Polish and Hungarian street types, then the unit, town, state, postcode
-(US, EU, Dutch, Polish, Canadian, UK, "H-7317") and country lines after it, across bullets;
+("lives on Baker Street"), any words after "address is" / "lives at", Italian, Polish, Hungarian, Romanian,
+Spanish, Mexican and Portuguese street types, a unit first ("Flat 9\nSingh Loaf"), "31/06 Lawson Walk"; not "Switch
+to Zigbee 3" (a release), "on Monday 5", "at Gate 12", then the unit, town, state, postcode (US, EU, Dutch,
+Polish, Canadian, UK, Irish, "H-7317") and country lines after it, across bullets;
 Japanese 丁目 and Thai ถนน/ซอย forms), PERSON (after titles and context words like "Name:",
 "contact", "employee"; or capitalized words holding a given or family name from Faker's lists for ~80 locales
 (data/pii/, read at the first call), a middle initial, or a Slavic/Nordic/Georgian/... family-name ending; a
 name's words again later in the text; lowercase given + family name pairs; any name-like words in a strong
 position: dialogue speaker labels "Ubul: ...", a list after "founders:", before "lives on" / "was born", the first
 line of a contact block, a possessive, "X, can you ...", after a letter's closing line, a greeting or a relative
-("my wife X"), before a verb only people take ("X grew up"), or "and" next to a name;
+("my wife X"), before a verb only people take ("X grew up"), before "and I", "told me", "is my sister" (also a given
+name that is a city), or "and" next to a name; not an imperative ("Mark the invoice");
 capitalized words that are no English word (SmolLM2's vocabulary as the lexicon, data/pii/english_words.txt) in
 a person's slot; all-lowercase text searched with its initials capitalized; Japanese and Thai forms).
 Bench: `bench/pii.py` (precision/recall/F2 on presidio-research's set and on our en/ja/th gold set).
@@ -189,13 +192,14 @@ _WEAK_SUFFIX = (
     "Ranch|Rapid|Rapids|Rest|Ridge|Ridges|River|Roads|Row|Rue|Run|Shoal|Shoals|Shore|Shores|Skyway|Spring|"
     "Springs|Spur|Spurs|Squares|Station|Stravenue|Stream|Streets|Summit|Throughway|Trace|Track|Trafficway|"
     "Tunnel|Underpass|Union|Unions|Valley|Valleys|Viaduct|View|Views|Village|Villages|Ville|Vista|Walk|Walks|"
-    "Wall|Ways|Well|Wells"
+    "Wall|Ways|Well|Wells|Strip|Trailer|Quad|Deviation|Broadway|Parade|Esplanade|Promenade|Rise|Glade|Grange|"
+    "Ride|Sound|Firetrail|Parklands|Steps|Outlook|Retreat|Chase"
 )
-_ADDR_WORD = r"(?:[A-ZÀ-ÖØ-Þ][A-Za-zÀ-ÖØ-öø-ÿ'.\-]*|\d{1,3}(?:st|nd|rd|th))"
+_ADDR_WORD = r"(?:[A-ZÀ-ÖØ-ÞĀ-ɏ][A-Za-zÀ-ÖØ-öø-ÿĀ-ɏ'.\-]*|\d{1,3}(?:st|nd|rd|th))"  # also "Avotiņš", "İhsanoğlu"
 _UNIT = r"(?:,?[ \t]*\n?[ \t]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Floor|Fl\.?|Room|Rm\.?|#)[ \t]*#?[\w\-]{1,6})"
 _CITY_TAIL = r"(?:,?[ \t]*\n?[ \t]*[A-Z][A-Za-z .'\-]{1,40},[ \t]*[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?)"
 _ADDRESS_US = re.compile(
-    rf"(?<![\w\-/.])(?P<num>\d{{1,6}}[A-Za-z]?)(?:[ \t]+\d{{1,5}})?(?:[ \t]+{_ADDR_WORD}){{1,4}}[ \t]+"
+    rf"(?<![\w\-/.])(?P<num>\d{{1,6}}[A-Za-z]?(?:/\d{{1,5}}[A-Za-z]?)?)(?:[ \t]+\d{{1,5}})?(?:[ \t]+{_ADDR_WORD}){{1,4}}[ \t]+"
     rf"(?:(?P<strong>(?:{_STRONG_SUFFIX})\b\.?)|(?P<weak>(?:{_WEAK_SUFFIX})\b))(?:[ \t]+(?:N|S|E|W|NE|NW|SE|SW)\b\.?)?"
     rf"(?P<unit>{_UNIT})?(?P<tail>{_CITY_TAIL})?"
 )
@@ -204,12 +208,16 @@ _ADDRESS_US = re.compile(
 _HOUSE_NUMBER = r"\d{1,5}[a-zA-Z]?(?:[/\-]\d{1,4}[a-zA-Z]?)?(?![\w\-/])"
 _ADDRESS_EU = re.compile(
     r"(?<![\w\-/.])(?:\d{1,6}[ \t]+)?(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*(?:strasse|straße|str\.|gasse|weg|allee|platz|katu|tie|kuja|gatan|vägen|"
-    r"väg|vej|vegen|veien|gate|gata|gade|stræti|vegur|straat|laan|plein|utca|ulica|tér|braut)|[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*[ \t](?:Strasse|Straße|Str\.|"
-    r"Gasse|Weg|Allee|Platz|Ring|Damm|Ufer|Straat|Laan|Vej|[Tt]errasse|[Vv]ei|[Gg]ate)|(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*[ \t]){1,2}(?:u\.|(?:[a-zà-ÿ]+[ \t])?(?:utca|útja|út|körút|tér|köz|sor)(?![\w\-]))|(?:Rue|Avenue|Avenida|Rua|Calle|Carrer|Via|Viale|"
+    r"väg|vej|vegen|veien|gate|gata|gade|stræti|vegur|straat|laan|plein|utca|ulica|tér|braut)|[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*[ \t\-](?:Strasse|Straße|Str\.|"
+    r"Gasse|Weg|Allee|Platz|Ring|Damm|Ufer|Straat|Laan|Vej|[Tt]errasse|[Vv]ei|[Gg]ate|ulica|cesta)|(?:[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ\-]*[ \t]){1,2}(?:u\.|(?:[a-zà-ÿ]+[ \t])?(?:utca|útja|út|körút|tér|köz|sor)(?![\w\-]))|(?:Rue|Avenue|Avenida|Rua|Calle|Carrer|Via|Viale|"
     r"Piazza|Piazzale|Largo|Vicolo|Strada|Borgo|Contrada|Corso|Travessa|Avinguda|Passeig|Paseo|Camino|ul\.|pl\.|al\.|Plac|"
-    r"plac|Aleja|Boulevard)(?:[ \t]+(?:de|du|da|do|dos|das|del|della|di|des|la|le|d'))?(?:[ \t]+"
-    # the house number, also "47-26", "08/37" (building / flat) and after a comma ("Strada Taliercio, 47")
-    r"[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*){1,4}),?[ \t]+" + _HOUSE_NUMBER +
+    r"plac|Aleja|Boulevard|ulica|aleja|Av\.?|Praça|Alameda|Rodovia|Rambla|Pasaje|Glorieta|Urbanización|"
+    r"Incrocio|Canale|Stretto|Rotonda|Intrarea|Drumul|Aleea|Bulevardul|Calea|Splaiul|Piața|Șoseaua|Retorno|Periférico|"
+    r"Andador|Viaducto|Circuito|Continuación|Prolongación|Cerrada|Privada|Callejón|rue|avenue|boulevard|chemin|allée|"
+    r"impasse|quai)"
+    r"(?:[ \t]+(?:de|du|da|do|dos|das|del|della|di|des|la|le|d'))?(?:[ \t]+(?:(?:de|da|do|dos|das|del|della|di)[ \t]+)?"
+    # the house number, also "47-26", "08/37" (building / flat), after a comma ("Strada Taliercio, 47") or "Nr."
+    r"[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'\-]*){1,4}),?[ \t]+(?:Nr\.?[ \t]*)?" + _HOUSE_NUMBER +
     rf"(?P<unit>{_UNIT})?"
 )
 # Post boxes and US military mail: "P.O. Box 287", "PSC 0413, Box 8144\nAPO AA 42323", "Unit 4719 Box 7394".
@@ -224,7 +232,8 @@ _ADDRESS_CONTEXT = re.compile(
     r"(?i:\baddress(?:es)?\b(?:[ \t]+(?:is|was|here))?[ \t]*[:=\-]?|\baddress\?[ \t]*(?:it(?:'s|[ \t]+is)|here)?|\b(?:lives?|living|located|situated|moved|"
     r"ship(?:ped)?|send|sent|deliver(?:ed)?|mail(?:ed)?|meet(?:[ \t]+(?:me|you|us))?)[ \t]+(?:(?:it|this|them|one|a[ \t]new[ \t]one)"
     r"[ \t]+)?(?:at|on|to|in)(?:[ \t]+the[ \t]+\w+[ \t]+(?:side[ \t]+)?of)?)[ \t\n]*"
-    r"(?P<addr>(?:\d{1,6}[ \t]+)?[A-ZÀ-ÞĀ-ɏ][\wÀ-ɏ'.\-]*(?:[ \t]+[\wÀ-ɏ'.\-]+){0,3}?[ \t]+\d{1,5}[a-zA-Z]?)(?![\w\-/])"
+    # also a Greek street and a building or flat after the number ("Kurelčeva 4b/0", "Λιμνών 577-104")
+    r"(?P<addr>(?:\d{1,6}[ \t]+)?[A-ZÀ-ÞĀ-ɏͰ-Ͽ][\wÀ-ɏ'.\-]*(?:[ \t]+[\wÀ-ɏ'.\-]+){0,3}?[ \t]+" + _HOUSE_NUMBER + ")"
 )
 # Street name then house number, often after a postcode or building number: "20789 Allika 46", "Hoge Wei 32",
 # "518 Árpád fejedelem útja 62.", "Rua Vinte e Cinco de Setembro 1257". Kept only with more evidence (see
@@ -260,6 +269,17 @@ _STREET_AFTER = re.compile(r"\.?[ \t]+(?:St|Street|Rd|Road|Ave|Avenue)\b")
 _AFTER_HOUSE_NUMBER = re.compile(r"[ \t]*(?:[,;!?\n]|\.(?!\d)|$)|[ \t]+(?:in|on|for|and|or|by|before|after|if|when|please)\b")
 _STREET_AFTER_LOWER = re.compile(r"[ \t]+(?:street|road|avenue)\b")  # "lives on 69 Av Sidi Lakhmi street"
 _ADDRESS_CUE_BEFORE = re.compile(r"(?i:\b(?:at|to|on|into)[ \t]+(?:[A-Z][\w\-]*,[ \t]+)?)$")  # "at Locavore, 641 ..."
+# a cue that says an address follows, whatever its words: "My address is 806 Tanya Triangle", "I live at 4 Julia Trailer"
+_ADDRESS_STRONG_CUE_BEFORE = re.compile(
+    r"(?i:\baddress(?:es)?(?:[ \t]+(?:is|was))?[ \t]*[:=\-]?|\b(?:live|lives|living|located|situated|ship(?:ped)?|send|sent|"
+    r"deliver(?:ed)?|mail(?:ed)?)[ \t]+(?:(?:it|this|them)[ \t]+)?(?:at|to|on))[ \t]+$"
+)
+# "Switch to Zigbee 3.", "upgrade the hub to Grafana 10": after a verb of software versions, "to" names a release
+_VERSION_CUE_BEFORE = re.compile(
+    r"(?i:\b(?:switch(?:es|ed|ing)?|(?:up|down)grad(?:e|es|ed|ing)|updat(?:e|es|ed|ing)|migrat(?:e|es|ed|ing)|"
+    r"(?:revert|port|convert|install)(?:s|ed|ing)?|roll(?:s|ed|ing)?[ \t]+back|pin(?:s|ned)?)"
+    r"(?:[ \t]+[\w\-]+){0,3}?[ \t]+(?:to|on)[ \t]+)$"
+)
 # A form field: "Address:" and the address on the same or the next line, to the end of that line.
 _ADDRESS_LABEL = re.compile(
     r"(?im)^[ \t]*(?:(?:home|postal|mailing|street|billing|shipping|business|work|office)[ \t]+)?address[ \t]*:[ \t]*\n?[ \t]*"
@@ -281,12 +301,19 @@ _TAIL_SEP = re.compile(
 )
 _PLACE_WORD = r"[A-ZÀ-ÖØ-ÞĀ-ɏͰ-Ͽ∆][\wÀ-ɏͰ-Ͽ∆'.\-]*"  # Latin and Greek capitals ("ΑΓΙΟΣ ∆ΟΜΕΤΙΟΣ" uses U+2206)
 _TAIL_PART = re.compile(
-    r"(?P<unit>(?i:Apt\.?|Apartment|Appartamento|Piano|Interno|Suite|Ste\.?|Unit|Floor|Fl\.?|Room|Rm\.?|#)[ \t]*#?\d[\w\-]{0,5})(?![\w\-])"
-    r"|(?P<zip>(?:[A-Z]{1,2}-)?\d{4,6}(?:-\d{3,4})?|\d{4}[ ]?[A-Z]{2}|\d{2}-\d{3}|\d{3}[ ]\d{2}|[A-Z]\d[A-Z][ ]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ ]\d[A-Z]{2})(?![\w\-])"
+    r"(?P<unit>(?i:Apt\.?|Apartment|Appartamento|Piano|Interno|Suite|Ste\.?|Unit|Floor|Fl\.?|Room|Rm\.?|#|Piso|Puerta|"
+    r"Interior|Depto\.|Dpto\.|Edif\.|Ap\.|Bl\.|Sc\.|Et\.|RD)[ \t]*#?\d[\w\-]{0,5})(?![\w\-])"
+    r"|(?P<zip>(?:[A-Z]{1,2}-)?\d{4,6}(?:-\d{3,4})?|\d{4}[ ]?[A-Z]{2}|\d{2}-\d{3}|\d{3}[ ]\d{2}|[A-Z]\d[A-Z][ ]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ ]\d[A-Z]{2}|[A-Z]\d[\dW][ ]?[A-Z\d]{4})(?![\w\-])"  # ... Eircode
     # a region code of 1-3 letters ("CO", "VWV", "Z") counts only with a postcode after it
     r"|(?P<state>[A-Z]{1,3})(?=,?[ \t]*\n?[ \t]+(?:\d{4,6}|[A-Z]\d[A-Z][ ]?\d[A-Z]\d)(?![\w\-]))"
     rf"|(?P<place>{_PLACE_WORD}(?:[ \t]+(?:(?:de|del|la|le|di|da|du|van|von|nad|na|u)(?![\w'])|{_PLACE_WORD})){{0,3}}"
     r"(?:[ \t]+\([^()\n]{1,30}\))?)"  # "Cyprus (Greek)", "ΑΓΛΑΝΤΖΙΑ (ΑΓΛΑΓΓΙΑ)"
+)
+# A unit before the street (UK, Australia, New Zealand): "Flat 9\nSingh Loaf", "Apt. 704 9 Holland Crossing"
+_UNIT_FIRST = r"(?:Flat|Studio|Apt\.?|Apartment|Suite|Unit|Level)[ \t]+\d{1,5}[A-Za-z]?,?[ \t]*\n?[ \t]*"
+_UNIT_BEFORE = re.compile(_UNIT_FIRST + "$")
+_ADDRESS_UNIT_FIRST = re.compile(
+    rf"(?<![\w\-])(?P<unit>{_UNIT_FIRST})(?:\d{{1,6}}[ \t]+)?(?:{_ADDR_WORD}[ \t]+){{1,3}}(?:{_STRONG_SUFFIX}|{_WEAK_SUFFIX})\b\.?"
 )
 # An intersection: "the corner of Dalbraut 99 and Frederikke Coves" (capitalized words or numbers on both sides).
 _ADDRESS_CORNER = re.compile(
@@ -325,7 +352,8 @@ _PERSON_CONTEXT_BEFORE = re.compile(
     r"(?i:\b(?:contact|contacted|employee|staff member|customer|client|patient|agent|manager|supervisor|colleague|"
     r"coworker|technician|hi|hello|hey|dear|cc|thanks|regards|sincerely|i am|i'm|this is|spoke with|spoke to|"
     r"talked to|ask|tell|said|named|called|calls me|assistant to|married|met with|directed by|written by|sung by|"
-    r"signed by|follow up with|speak to|speak with|meet with|on behalf of)\b[ \t]*[,:\-]?[ \t\n]*"
+    r"signed by|follow up with|speak to|speak with|meet with|on behalf of|introduced (?:himself|herself|themselves|myself) as|"
+    r"(?:letter|message|note|postcard|gift) from)\b[ \t]*[,:\-]?[ \t\n]*"
     r"|\b(?:best|cheers|warmly|cordially|yours),[ \t]*\n[ \t]*)$"  # the closing line of a letter, then the name
 )
 # Greetings and the people closest to someone, the same way: "Congratulations Dzhambek", "my wife Quionia". A set of
@@ -335,12 +363,21 @@ _PERSON_NOUNS = frozenset(
     """congratulations congrats goodbye bye greetings friend wife husband son daughter mother father mom mum dad brother
     sister cousin nephew niece grandson granddaughter grandmother grandfather boyfriend girlfriend fiance fiancee fiancé
     fiancée boss neighbor neighbour roommate classmate teammate landlord landlady tenant mentor""".split()
-) | {"happy birthday", "good morning", "good afternoon", "good evening", "good night"}
+) | {"happy birthday", "good morning", "good afternoon", "good evening", "good night", "good luck"}
 
 
 def _person_noun_before(before: str) -> bool:
     words = before.rstrip(" \t\n,:-").lower().split()[-2:]
     return bool(words) and (words[-1] in _PERSON_NOUNS or " ".join(words) in _PERSON_NOUNS)
+
+
+_PERSON_THINGS = _PERSON_NOUNS | {"phone", "mobile", "cell", "email", "e-mail", "birthday"}
+
+
+def _person_thing_after(text: str, pos: int) -> bool:
+    """What follows a possessive belongs only to a person: "Victoria's phone", "Austin's wife"."""
+    m = re.match(r"[ \t]+([a-z\-]+)", text[pos : pos + 20])
+    return bool(m) and m.group(1) in _PERSON_THINGS
 
 
 # ... and after it: "Trivo lives on ...", "Maslin said", "Gerth had given"
@@ -358,6 +395,15 @@ _PERSON_ONLY_VERB_AFTER = re.compile(
     r"wanted|hopes|hoped|wishes|wished|smiled|laughed|cried|died|divorced|(?:is|was)[ \t]+(?:married|engaged|pregnant)"
     r")\b"
 )
+# What only a person is to someone or does with someone; these count for a given name that is also a place
+# ("Victoria is my sister") and for a name in no list: "Zorvana and I", "Ilvetta told me", "... is my best friend".
+_PERSON_RELATION_AFTER = re.compile(
+    r"[ \t]+(?:(?:and|&)[ \t]+(?:I|me)\b(?!')|(?:told|asked|thanked|invited|hugged|kissed|married|hired|taught|"
+    r"introduced)[ \t]+(?:me|us|him|her|them)\b|(?:is|was)[ \t]+(?:my|our|his|her|their)[ \t]+(?:[a-z\-]+[ \t]+)?"
+    r"(?P<noun>[a-z]+)\b)"
+)
+# An imperative at the start of a sentence: "Roll back to 2.3", "Mark the invoice as paid" (a given name somewhere)
+_IMPERATIVE_AFTER = re.compile(r"[ \t]+(?:the|a|an|back|up|out|down|off|it|this|that|these|those|all|your|our)\b")
 # Chat transcripts: "Ubul: What a wife.\nNicole: Really?": a line that starts with one or two name-like words and
 # a colon and a capitalized utterance is a speaker label when another line of the text starts the same way (one
 # "Note: ..." line is not); the usual log and form labels ("Warning: Disk full") never are.
@@ -630,14 +676,18 @@ def _find_addresses_cased(text: str) -> list[Span]:
         for m in rx.finditer(text):
             end = _address_tail(text, m.end())
             out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
+    gaz = _gazetteers()
     for m in _ADDRESS_CONTEXT.finditer(text):
+        if _no_street(m.group("addr"), text, m.end("addr"), gaz):
+            continue
         end = _address_tail(text, m.end("addr"))
         out.append(Span(m.start("addr"), end, "ADDRESS", text[m.start("addr") : end]))
-    gaz = _gazetteers()
     for rx in (_ADDRESS_NUMBERED, _ADDRESS_NAME_NUMBER):  # "20789 Allika 46": an address only with more evidence
         for m in rx.finditer(text):
             if re.search(r"\d[/\-]\d+$", m.group()) and re.search(r"[A-Z]{4}", m.group()):
                 continue  # "INCUBATE 24/7 NETWORKS": a heading with a time span, not "Rustring 14-78"
+            if _no_street(m.group(), text, m.end(), gaz):
+                continue
             end = _address_tail(text, m.end())
             ok = end > m.end() or bool(_STREET_AFTER.match(text, m.end()))
             if not ok:
@@ -648,14 +698,19 @@ def _find_addresses_cased(text: str) -> list[Span]:
                 ok = bool(cue) if rx is _ADDRESS_NUMBERED else bool(
                     (cue or _INTERSECTION_BEFORE.search(text, max(0, m.start() - 40), m.start()))
                     and _AFTER_HOUSE_NUMBER.match(text, m.end())
+                    and not _VERSION_CUE_BEFORE.search(text, max(0, m.start() - 60), m.start())
                     and all(_unknown_word(w, gaz) for w in re.findall(r"[^\W\d_][\w'\-]*", m.group())))
             if ok:
                 out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
     for m in _ADDRESS_NUMBER_NAME.finditer(text):
         words = m.group("words").split()
-        if (_ADDRESS_CUE_BEFORE.search(text, max(0, m.start() - 40), m.start())
-                and (_CLAUSE_END.match(text, m.end()) or _STREET_AFTER_LOWER.match(text, m.end()))
-                and all((_unknown_word(w, gaz) or w in _STREET_WORDS) and w not in _NOT_PLACE for w in words)):
+        # after "address is" / "lives at" two or more words need not be unknown ones (no frequent English word, though)
+        strong = len(words) >= 2 and bool(_ADDRESS_STRONG_CUE_BEFORE.search(text, max(0, m.start() - 40), m.start()))
+        if (_ADDRESS_CUE_BEFORE.search(text, max(0, m.start() - 40), m.start()) or strong) and (
+                (_CLAUSE_END.match(text, m.end()) or _STREET_AFTER_LOWER.match(text, m.end())
+                 or (strong and _AFTER_HOUSE_NUMBER.match(text, m.end())))
+                and all((_unknown_word(w, gaz) or w in _STREET_WORDS or (strong and w.lower() not in gaz.common))
+                        and w not in _NOT_PLACE for w in words)):
             out.append(Span(m.start(), m.end(), "ADDRESS", m.group()))
     for m in _ADDRESS_LABEL.finditer(text):
         out.append(Span(m.start("addr"), m.end("addr"), "ADDRESS", m.group("addr")))
@@ -663,11 +718,34 @@ def _find_addresses_cased(text: str) -> list[Span]:
         for m in rx.finditer(text):
             value = m.group().rstrip(". ")  # a Thai address at the end of a sentence keeps its full stop
             out.append(Span(m.start(), m.start() + len(value), "ADDRESS", value))
+    for m in _ADDRESS_UNIT_FIRST.finditer(text):
+        end = _address_tail(text, m.end())
+        out.append(Span(m.start(), end, "ADDRESS", text[m.start() : end]))
+    for i, s in enumerate(out):  # a unit before the street belongs to it: "Suite 585 781 Abigail Link"
+        m = _UNIT_BEFORE.search(text, max(0, s.start - 20), s.start)
+        if m and not any(o.start <= m.start() < o.end for o in out):  # not the unit that ends the address before
+            out[i] = s = Span(m.start(), s.end, "ADDRESS", text[m.start() : s.end])
     for i, s in enumerate(out):  # an intersection: "<street> and <address>"
         m = _INTERSECTION_BEFORE.search(text, max(0, s.start - 40), s.start)
         if m:
             out[i] = Span(m.start(1), s.end, "ADDRESS", text[m.start(1) : s.end])
     return out
+
+
+_SENTENCE_WORDS = frozenset("in on at by for to of and or the an from with than per is are was were".split())
+_MONTH_WORDS = frozenset("January February March April May June July August September October November December "
+                         "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec".split())
+_MONTH_AFTER = re.compile(rf"[ \t]+{_MONTHS}\b")
+
+
+def _no_street(value: str, text: str, end: int, gaz: "_Gazetteers") -> bool:
+    """Words + number that are no street however they are cued: an English sentence word inside ("3 Goals in 2",
+    "Berlin by 5"), a weekday or month ("on Monday 5", "Friday 12 June"), or one English word that is no street
+    word ("Gate 12", "Level 3", "Floor 3"). A Roman "I" is no sentence word there: "Jihovýchodní I 38"."""
+    words = re.findall(r"[^\W\d_][\w'\-]*", value)
+    return (any(w in _SENTENCE_WORDS or (w in _NOT_PLACE and w != "I") or w in _MONTH_WORDS for w in words)
+            or bool(_MONTH_AFTER.match(text, end))
+            or (len(words) == 1 and words[0].lower() in gaz.english and words[0] not in _STREET_WORDS))
 
 
 def _find_streets(text: str) -> list[Span]:
@@ -737,6 +815,11 @@ _PERSON_SLOT_BEFORE = re.compile(
     r"(?i:\b(?:is|was|are|were|and|but|or|with|by|for|said|asked|told|thanks|thank|dear|hi|hello|hey|tell|ask|let|"
     r"call|meet|met|saw|see|like|love|loves|miss|when|if|because|so|then|while|whom|whose|did|does|do|will|would|can|"
     r"could|should|has|have|had|says|say|knows|know|invite|invited|heard|hear))[ \t]+$"
+)
+# ... and the narrower slots that no city takes ("with Sydney", "visit Paris", "love Rome" do)
+_PERSON_ONLY_SLOT_BEFORE = re.compile(
+    r"(?i:\b(?:meet|met|ask|asked|tell|told|invite|invited|thank|thanks|dear|hi|hello|hey|marry|married|hug|hugged|kiss|"
+    r"kissed|congratulate|congratulated))[ \t]+$"
 )
 _LINE_START_BULLETS = " \t?•·*▪►-"
 _ARTICLE_BEFORE = re.compile(r"(?i:\b(?:the|a|an|this|our|your|its))[ \t]+$")  # "the Jenkins job": a thing
@@ -822,7 +905,8 @@ def _find_persons_cased(text: str, lowered: bool = False) -> list[Span]:
         elif at_start and name_like and len(words) <= 2 and _VOCATIVE_AFTER.match(text, end) and words[0] not in gaz.places:
             ok = not lowered or sure
         elif (text.startswith("'s", end) and name_like and (len(words) >= 2 or known or unknown)
-              and words[0] not in gaz.places and not re.search(r"(?i:\b(?:the|a|an|this|that|our|your|its))[ \t]+$", before)):
+              and (words[0] not in gaz.places or _person_thing_after(text, end + 2))  # "Victoria's phone", not "Sydney's"
+              and not re.search(r"(?i:\b(?:the|a|an|this|that|our|your|its))[ \t]+$", before)):
             ok = not lowered or sure  # a possessive: "Meza's song", "Pinabel Marcil's Cautionary Tales" (not "the Canteen's")
         elif _TITLE_BEFORE.search(before) or _LABEL_BEFORE.search(before) or any(a <= m.start() < b for a, b in people):
             ok = True
@@ -837,6 +921,12 @@ def _find_persons_cased(text: str, lowered: bool = False) -> list[Span]:
             ok = not lowered or sure
         elif (known or unknown) and words[0] not in gaz.places and _PERSON_ONLY_VERB_AFTER.match(text, end):
             ok = not lowered or sure
+        elif (name_like and (known or unknown) and not after_cap and (rel := _PERSON_RELATION_AFTER.match(text, end))
+              and (not rel.group("noun") or rel.group("noun") in _PERSON_NOUNS)):
+            ok = not lowered or sure
+        elif (at_start and len(words) == 1 and words[0] not in FIRST_NAMES and words[0].lower() in gaz.english
+              and _IMPERATIVE_AFTER.match(text, end)):
+            ok = False
         elif len(words) >= 2 and name_like:
             # "Maciej Borkowski", "Elita B Desaulniers", "Hijacinta Godina": a known given or family name, a middle
             # initial, or no English word at all
@@ -845,6 +935,9 @@ def _find_persons_cased(text: str, lowered: bool = False) -> list[Span]:
         elif (unknown and not lowered and not at_start and not after_cap
               and _PERSON_SLOT_BEFORE.search(before) and not re.match(r"[ \t]+[A-Z]", after)):
             ok = True  # one name-shaped word in a person's slot: "Why is Glyceria so impulsive?"
+        elif (len(words) == 1 and words[0] in gaz.first and not lowered and not after_cap
+              and _PERSON_ONLY_SLOT_BEFORE.search(before) and not re.match(r"[ \t]+[A-Z]", after)):
+            ok = True  # a given name that is also a city, where no city goes: "Meet Austin", "I told Florence"
         elif lowered:
             ok = False  # a lone capitalized-by-us word: too many English words are somebody's name somewhere
         else:

@@ -39,20 +39,24 @@ PLACE_LISTS = {"de_DE": ("cities", "states"), "de_AT": ("cities", "states"), "de
                "en_US": ("states",), "en_AU": ("states",), "en_CA": ("provinces",), "en_IN": ("cities", "states"),
                "pl_PL": ("cities",), "pt_PT": ("cities",), "ro_RO": ("cities",), "sv_SE": ("cities",),
                "id_ID": ("cities", "states"), "cs_CZ": ("cities",), "da_DK": ("cities",), "fi_FI": ("cities",)}
-WORLD_CITIES = """Amsterdam Athens Atlanta Austin Baltimore Bangkok Barcelona Beijing Berlin Bogota Boston Brisbane
-Brussels Bucharest Budapest Cairo Calgary Chicago Cologne Copenhagen Dallas Denver Detroit Dubai Dublin Edinburgh
-Florence Frankfurt Geneva Glasgow Hamburg Hanoi Helsinki Houston Istanbul Jakarta Jerusalem Johannesburg Kyoto
-Lagos Leeds Lima Lisbon Liverpool London Madrid Manchester Manila Melbourne Miami Milan Montreal Moscow Mumbai
-Munich Nagoya Nairobi Naples Osaka Oslo Ottawa Paris Perth Philadelphia Phoenix Portland Prague Riga Rome
-Rotterdam Santiago Seattle Seoul Shanghai Singapore Stockholm Sydney Taipei Tallinn Tokyo Toronto Vancouver Venice
-Vienna Vilnius Warsaw Yokohama Zurich""".split()
+WORLD_CITIES = """Alexandria Amsterdam Athens Atlanta Austin Baltimore Bangkok Barcelona Basel Beijing Berlin
+Bogota Boston Braga Brisbane Brussels Bucharest Budapest Cairo Calgary Chicago Cologne Copenhagen Dallas Denver
+Detroit Dubai Dublin Edinburgh Florence Frankfurt Geneva Glasgow Hamburg Hanoi Helsinki Houston Istanbul Jakarta
+Jerusalem Johannesburg Kyoto Lagos Leeds Lima Lisbon Liverpool London Madrid Manchester Manila Melbourne Miami
+Milan Montreal Moscow Mumbai Munich Nagoya Nairobi Naples Osaka Oslo Ottawa Paris Perth Philadelphia Phoenix
+Portland Prague Riga Rome Rotterdam Santiago Seattle Seoul Shanghai Singapore Stockholm Sydney Taipei Tallinn
+Tokyo Toronto Vancouver Venice Vienna Vilnius Warsaw Yokohama Zurich""".split()
 
 
-def _places() -> set[str]:
+def _places(given_names: set[str], english: set[str]) -> set[str]:
+    """World cities, states and provinces, and the towns of the locales above that are not also a given name of no
+    English word: "Brad" and "Miroslav" are small towns somewhere but mostly people, while "Victoria" or "Austin"
+    stay places (a city or a state wins over a name), and so do "Metro" and "Roman"."""
     out = set(WORLD_CITIES)
     for locale, attrs in PLACE_LISTS.items():
         provider = importlib.import_module(f"faker.providers.address.{locale}").Provider
-        out |= {str(p) for attr in attrs for p in getattr(provider, attr)}
+        out |= {str(p) for attr in attrs for p in getattr(provider, attr)
+                if attr != "cities" or str(p) not in given_names or str(p).lower() in english}
     return {p for p in out if LATIN.fullmatch(p) and p[0].isupper()}  # one-word places: what the rule needs
 
 
@@ -80,10 +84,11 @@ def main() -> None:
         provider = importlib.import_module(f"faker.providers.person.{mod.name}").Provider
         first |= _names(provider, "first_") | _names(provider, "middle_")
         last |= _names(provider, "last_")
+    english = _english_words(first | last)
     files = {"first_names.txt": first, "last_names.txt": last,
              "common_words.txt": {w for w in lorem.Provider.word_list if len(w) > 1},
-             "countries.txt": set(address.Provider.countries), "places.txt": _places(),
-             "english_words.txt": _english_words(first | last)}
+             "countries.txt": set(address.Provider.countries), "places.txt": _places(first, english),
+             "english_words.txt": english}
     for name, words in files.items():
         (HERE / name).write_text("\n".join(sorted(words)) + "\n", encoding="utf-8")
         print(f"{name}: {len(words)}")
