@@ -180,3 +180,29 @@ def test_a_large_bucket_of_near_identical_sets_is_screened_in_blocks(monkeypatch
     monkeypatch.setattr(textproc, "CANDIDATE_BLOCK", 50)
     monkeypatch.setattr(textproc, "VERIFY_CACHE", 8)
     assert textproc.similar_pairs(sets, 0.8) == want
+
+
+def test_similar_clusters_are_the_components_of_the_pairs_with_few_checks():
+    """Clusters at two thresholds == the connected components of brute-force pairs at each; a cluster of 120
+    near-identical sets takes far fewer exact checks than its 7,140 pairs."""
+    rng = random.Random(5)
+    base = [f"b{k}" for k in range(100)]
+    sets = [set(base) - set(rng.sample(base, rng.randint(0, 6))) | {f"v{v}"} for v in range(120)]
+    for k, changed in enumerate([10, 20, 25, 40] * 8):  # J 0.82, 0.67, 0.6, 0.43: linked at 0.8, at 0.6, or not
+        sets += list(planted(100, changed, f"c{k}"))
+    sets += [{f"u{k}-{rng.randrange(10**6)}" for _ in range(40)} for k in range(50)]
+    rng.shuffle(sets)
+
+    def clusters(uf: textproc.UnionFind) -> set[frozenset[int]]:
+        return {frozenset(i for i in range(len(sets)) if uf.find(i) == r) for r in {uf.find(i) for i in range(len(sets))}}
+
+    def components(threshold: float) -> set[frozenset[int]]:
+        uf = textproc.UnionFind(len(sets))
+        for a, b in brute_force(sets, threshold):
+            uf.union(a, b)
+        return clusters(uf)
+
+    high, low, checked = textproc.similar_clusters(sets, 0.8, 0.6)
+    assert clusters(high) == components(0.8) and clusters(low) == components(0.6)
+    assert components(0.8) != components(0.6) and max(map(len, components(0.8))) == 120
+    assert checked < 1000  # the 120-set cluster alone has 7,140 pairs

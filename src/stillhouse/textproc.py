@@ -326,6 +326,7 @@ _WORD = regex.compile(r"\w+")
 # Scripts written without spaces between words: a "word" there is a whole clause, so shingles are characters
 _NO_SPACE_SCRIPT = re.compile(r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LSH_MAX_MISS = 0.005  # chance that LSH fails to propose a pair exactly at min_jaccard (higher similarity: less)
+ESTIMATE_MARGIN = 0.15  # 4+ standard deviations of the signature estimate of J (P=128): below J - this, J is surely lower
 CANDIDATE_BLOCK = 1 << 20  # LSH candidate pairs made and screened at a time (8 MB of int64)
 VERIFY_CACHE = 2048  # shingle sets similar_pairs keeps while it verifies candidates (~20 KB each for a 1,000-char text)
 
@@ -434,29 +435,67 @@ def similar_pairs(shingle_sets, min_jaccard: float, num_perm: int = 128, seed: i
     LSH only proposes candidates, with a band layout chosen so it misses at most LSH_MAX_MISS of the pairs at
     min_jaccard (`lsh_layout`). Candidates whose signatures agree on far fewer positions than min_jaccard
     (4+ standard deviations below) are dropped cheaply; every other one is checked with the exact Jaccard of
-    its shingle sets, so there are no false pairs."""
+    its shingle sets, so there are no false pairs. A cluster of s near-identical sets has s(s-1)/2 pairs: to
+    know only who belongs with whom, `similar_clusters` checks far fewer."""
+    pairs = []
+    for a, b, _est, made in _candidates(shingle_sets, min_jaccard, num_perm, seed, chunk):
+        sim = jaccard(made(a), made(b))
+        if sim >= min_jaccard:
+            pairs.append((a, b, sim))
+    return sorted(pairs)
+
+
+def similar_clusters(shingle_sets, high: float, low: float, num_perm: int = 128, seed: int = 1,
+                     chunk: int = 1024) -> tuple["UnionFind", "UnionFind", int]:
+    """The clusters of the sets linked by a chain of pairs with exact Jaccard >= `high`, and of those linked at
+    >= `low` (low <= high): the components `similar_pairs` would give at each threshold, found without listing
+    every pair. A candidate pair already in one `high` cluster is not checked again, so a cluster of s
+    near-identical sets costs about s exact checks, not s(s-1)/2, and memory holds no pair list.
+    Returns (high clusters, low clusters, exact checks made); indices are positions in `shingle_sets`."""
+    high_uf, low_uf, checked = UnionFind(len(shingle_sets)), UnionFind(len(shingle_sets)), 0
+    for a, b, est, made in _candidates(shingle_sets, low, num_perm, seed, chunk):
+        if high_uf.find(a) == high_uf.find(b):
+            continue  # already joined at high, so at low too
+        if est < high - ESTIMATE_MARGIN and low_uf.find(a) == low_uf.find(b):
+            continue  # joined at low already, and the signatures say it is far below high (see _candidates)
+        sim = jaccard(made(a), made(b))
+        checked += 1
+        if sim >= low:
+            low_uf.union(a, b)
+            if sim >= high:
+                high_uf.union(a, b)
+    return high_uf, low_uf, checked
+
+
+def _candidates(shingle_sets, min_jaccard: float, num_perm: int, seed: int, chunk: int):
+    """LSH candidate pairs for `similar_pairs` / `similar_clusters`: yields (i, j, made) with i < j (positions
+    in shingle_sets), one connected group of candidates after another, where made(i) gives set i from a small
+    cache."""
     import numpy as np
 
-    idx_parts, sig_parts = [], []
+    # the non-empty sets' signatures, filled in chunk by chunk (a set's signature does not depend on the others
+    # in its call); np.empty's pages are only resident once written, so the rows of empty sets cost nothing
+    idx = np.empty(len(shingle_sets), dtype=np.int64)  # row -> position in shingle_sets
+    sig = np.empty((len(shingle_sets), num_perm), dtype=np.uint32)
+    n = 0
     for c0 in range(0, len(shingle_sets), chunk):
         sets = [shingle_sets[i] for i in range(c0, min(c0 + chunk, len(shingle_sets)))]
         nonempty = [k for k, s in enumerate(sets) if s]
-        if nonempty:  # a set's signature does not depend on the others in its call: chunks give the same rows
-            idx_parts.append(np.array(nonempty, dtype=np.int64) + c0)
-            sig_parts.append(minhash_signatures([sets[k] for k in nonempty], num_perm, seed))
-    n = sum(len(part) for part in idx_parts)
+        if nonempty:
+            idx[n : n + len(nonempty)] = np.array(nonempty) + c0
+            sig[n : n + len(nonempty)] = minhash_signatures([sets[k] for k in nonempty], num_perm, seed)
+            n += len(nonempty)
     if n < 2:
-        return []
-    idx, sig = np.concatenate(idx_parts), np.concatenate(sig_parts)  # (n,), (n, P)
-    del idx_parts, sig_parts
+        return
+    idx, sig = idx[:n], sig[:n]  # (n,), (n, P) views
     bands, rows = lsh_layout(min_jaccard, num_perm)
     mix = np.random.default_rng(seed + 1).integers(1, 2**63, rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
     # Candidate pairs are i * n + j (positions in idx, i < j). A bucket of s records proposes s(s-1)/2 of them
     # in every band it forms, so they are made in blocks of about CANDIDATE_BLOCK and screened at once: only
     # those whose signatures agree on nearly min_jaccard of their positions are kept (the estimate of J has std
-    # sqrt(J(1-J)/P), 0.035 at J=0.8, P=128: a 0.15 margin loses nothing). Memory stays at a block plus the
+    # sqrt(J(1-J)/P), 0.035 at J=0.8, P=128: ESTIMATE_MARGIN 0.15 loses nothing). Memory stays at a block plus the
     # plausible pairs, however large a bucket of near-identical records gets.
-    cand = np.empty(0, dtype=np.int64)
+    cand, agree = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)  # agree: signature agreement share
     for band in range(bands):
         with np.errstate(over="ignore"):
             key = sig[:, band * rows : (band + 1) * rows].astype(np.uint64) @ mix  # (n,) a 64-bit bucket key per record
@@ -464,32 +503,34 @@ def similar_pairs(shingle_sets, min_jaccard: float, num_perm: int = 128, seed: i
         k = key[order]
         starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
         lens = np.diff(np.r_[starts, n])
-        block, in_block, kept = [], 0, [cand]
+        block, in_block, kept = [], 0, [(cand, agree)]
         for s, size in zip(starts[lens > 1].tolist(), lens[lens > 1].tolist()):
             for part in _bucket_pairs(np.sort(order[s : s + size]), n):
                 block.append(part)
                 in_block += len(part)
                 if in_block >= CANDIDATE_BLOCK:
-                    kept.append(_plausible(np.concatenate(block), cand, sig, n, min_jaccard - 0.15))
+                    kept.append(_plausible(np.concatenate(block), cand, sig, n, min_jaccard - ESTIMATE_MARGIN))
                     block, in_block = [], 0
         if block:
-            kept.append(_plausible(np.concatenate(block), cand, sig, n, min_jaccard - 0.15))
-        cand = np.sort(np.concatenate(kept), kind="stable")  # no pair twice: _plausible skipped the known ones
-    ci, cj = cand // n, cand % n
-    # Verified one connected group of candidates after another (a cluster of near-duplicates together), with
-    # the shingle sets in an LRU cache of VERIFY_CACHE: each set is made about once, and memory holds that many
-    # sets rather than every set in some pair (a set of shingles takes ~10x its text).
+            kept.append(_plausible(np.concatenate(block), cand, sig, n, min_jaccard - ESTIMATE_MARGIN))
+        cand = np.concatenate([c for c, _ in kept])  # no pair twice: _plausible skipped the known ones
+        by_pair = np.argsort(cand, kind="stable")
+        cand, agree = cand[by_pair], np.concatenate([a for _, a in kept])[by_pair]
+    ci, cj = (cand // n).astype(np.int32), (cand % n).astype(np.int32)  # n < 2**31 records
+    del sig, cand  # the signatures are not needed for the exact checks
+    # One connected group of candidates after another (a cluster of near-duplicates together), with the shingle
+    # sets in an LRU cache of VERIFY_CACHE: each set is made about once, and memory holds that many sets rather
+    # than every set in some pair (a set of shingles takes ~10x its text).
     linked = UnionFind(n)
     for i, j in zip(map(int, ci), map(int, cj)):
         linked.union(i, j)
-    order = np.lexsort((cj, ci, np.fromiter((linked.find(int(i)) for i in ci), dtype=np.int64, count=len(ci))))
+    root = np.fromiter((linked.find(i) for i in range(n)), dtype=np.int32, count=n)
+    del linked
+    order = np.lexsort((cj, ci, root[ci]))
     made = functools.lru_cache(maxsize=VERIFY_CACHE)(shingle_sets.__getitem__)
-    pairs = []
-    for a, b in zip(map(int, idx[ci[order]]), map(int, idx[cj[order]])):
-        sim = jaccard(made(a), made(b))
-        if sim >= min_jaccard:
-            pairs.append((a, b, sim))
-    return sorted(pairs)
+    for o0 in range(0, len(order), 1 << 16):
+        o = order[o0 : o0 + (1 << 16)]
+        yield from ((a, b, est, made) for a, b, est in zip(idx[ci[o]].tolist(), idx[cj[o]].tolist(), agree[o].tolist()))
 
 
 def _bucket_pairs(members, n: int):
@@ -516,18 +557,19 @@ def _bucket_pairs(members, n: int):
 
 
 def _plausible(cand, known, sig, n: int, min_agree: float):
-    """The candidates (i * n + j) not in `known` (sorted: earlier bands' plausible pairs) whose signatures agree
-    on at least `min_agree` of their positions."""
+    """(candidates, their signature agreement): the candidates (i * n + j) not in `known` (sorted: earlier
+    bands' plausible pairs) whose signatures agree on at least `min_agree` of their positions."""
     import numpy as np
 
     if len(known):
         at = np.searchsorted(known, cand).clip(max=len(known) - 1)
         cand = cand[known[at] != cand]
-    keep = np.empty(len(cand), dtype=bool)
+    agree = np.empty(len(cand), dtype=np.float32)
     for c0 in range(0, len(cand), 1 << 14):  # (16,384, P) uint32 rows at a time: 8 MB per side
         c = cand[c0 : c0 + (1 << 14)]
-        keep[c0 : c0 + len(c)] = (sig[c // n] == sig[c % n]).mean(axis=1) >= min_agree
-    return cand[keep]
+        agree[c0 : c0 + len(c)] = (sig[c // n] == sig[c % n]).mean(axis=1)
+    keep = agree >= min_agree
+    return cand[keep], agree[keep]
 
 
 class UnionFind:

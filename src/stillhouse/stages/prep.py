@@ -1227,11 +1227,9 @@ def _deduplicate(items: Sequence[_Item], keys: list[str], labeled: list[bool], t
     # near: verified similar pairs among the exact-unique records (positions in `unique`)
     sets = textproc.LazyShingles(_Lazy(lambda k: items[unique[k]].dedup_text, len(unique)))  # memory: ~signatures
     group_threshold = max(0.3, threshold - SPLIT_GROUP_MARGIN)
-    pairs = textproc.similar_pairs(sets, group_threshold)
-    dup = textproc.UnionFind(len(unique))
-    for a, b, sim in pairs:
-        if sim >= threshold:
-            dup.union(a, b)
+    # clusters of duplicates (Jaccard >= threshold) and split groups (>= group_threshold), without a pair list:
+    # a template filled in a thousand times is one cluster, not half a million pairs
+    dup, linked, checked = textproc.similar_clusters(sets, threshold, group_threshold)
     members: dict[int, list[int]] = {}
     for a in range(len(unique)):
         members.setdefault(dup.find(a), []).append(a)
@@ -1252,22 +1250,22 @@ def _deduplicate(items: Sequence[_Item], keys: list[str], labeled: list[bool], t
         else:
             sim = textproc.jaccard(textproc.shingles(items[i].dedup_text), textproc.shingles(items[k].dedup_text))
             c["near"].append({"id": items[i].record["id"], "jaccard": round(sim, 3)})
-    # split groups: kept records linked by a similar pair (Jaccard >= group_threshold) stay together
+    # split groups: records linked by a chain of similar pairs (Jaccard >= group_threshold) stay together, the
+    # chain may pass through a dropped duplicate (it stood for the record kept in its place)
     kept = [i for i in range(n) if keeper[i] == i]
-    position = {i: p for p, i in enumerate(kept)}
-    groups = textproc.UnionFind(len(kept))
-    linked = 0
-    for a, b, _sim in pairs:
-        if unique[a] in position and unique[b] in position:
-            groups.union(position[unique[a]], position[unique[b]])
-            linked += 1
+    position = {i: u for u, i in enumerate(unique)}
+    groups = [linked.find(position[i]) for i in kept]
+    sizes: dict[int, int] = {}
+    for g in groups:
+        sizes[g] = sizes.get(g, 0) + 1
     report = {
         "input": n, "kept": len(kept), "exact_duplicates": sum(len(c["exact"]) for c in clusters.values()),
         "near_duplicates": sum(len(c["near"]) for c in clusters.values()), "near_dup_threshold": threshold,
-        "split_group_threshold": round(group_threshold, 3), "similar_pairs_kept_together": linked,
+        "split_group_threshold": round(group_threshold, 3), "exact_jaccard_checks": checked,
+        "records_kept_with_similar_ones": sum(sizes[g] for g in sizes if sizes[g] > 1),
         "clusters_total": len(clusters), "clusters": [clusters[k] for k in sorted(clusters)][:REPORT_CLUSTERS],
     }
-    return kept, [groups.find(p) for p in range(len(kept))], report
+    return kept, groups, report
 
 
 def _pii_actions(action: str | dict[str, str]) -> dict[str, str]:
