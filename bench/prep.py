@@ -1,7 +1,7 @@
 """Benchmark: throughput of the whole prep stage (extract, clean, dedup, PII, split, review) in files and MB per
 second, with 1 and 2 worker processes, and a resumed run that finds every extraction cached.
 
-    .venv/bin/python bench/prep.py [--sites 40]
+    .venv/bin/python bench/prep.py [--sites 40] [--scaling 40,400,1200]
 
 The corpus is the demo's sample data (`demo_data.write_demo_sources(quick=True)`) written once per "site" with
 a different seed: per site two PDFs, a DOCX, an HTML page, a Markdown FAQ, a tickets CSV, two intent JSONL files
@@ -60,6 +60,8 @@ def _prep(ws: Path, workers: int, resume: bool = False) -> tuple[float, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sites", type=int, default=40, help="copies of the demo sources, each with its own seed")
+    ap.add_argument("--scaling", default="", help="also: site counts (e.g. 40,400,1200) for a table of peak memory "
+                                                  "against corpus size (1 worker each)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     import yaml
@@ -84,7 +86,8 @@ def main() -> None:
         "",
         f"- date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} CPU cores "
         f"(shared with other jobs), Python {platform.python_version()}",
-        f"- command: `.venv/bin/python bench/prep.py --sites {args.sites}` (each run: `stillhouse prep` in its own process)",
+        f"- command: `.venv/bin/python bench/prep.py --sites {args.sites}{' --scaling ' + args.scaling if args.scaling else ''}` "
+        f"(each run: `stillhouse prep` in its own process)",
         f"- corpus: the quick demo sources x {args.sites} seeds: {len(files)} files, {mb:.1f} MB "
         f"({json.dumps(rep['extract']['by_type'])}); {rep['extract']['documents']} documents, "
         f"{rep['extract']['table_rows']} table rows, {rep['extract']['quarantined']} quarantined -> "
@@ -98,8 +101,31 @@ def main() -> None:
         f"- where the rest of the time goes (1 worker, seconds): {json.dumps(rep['seconds'])}",
         "",
     ]
-    publish(lines)
     shutil.rmtree(ws)
+    if args.scaling:
+        lines += _scaling([int(x) for x in args.scaling.split(",")], demo_table_mappings, write_demo_sources, yaml)
+    publish(lines)
+
+
+def _scaling(counts: list[int], mappings, write_sources, yaml) -> list[str]:
+    """Peak RSS of one 1-worker `stillhouse prep` per corpus size: the same sites, more of them."""
+    ws = Path(tempfile.mkdtemp(prefix="stillhouse-bench-prep-scale-"))
+    (ws / "stillhouse.yaml").write_text(yaml.safe_dump({"prep": {"tables": mappings(), "review_sample_size": 50}}))
+    rows, made = [], 0
+    for count in sorted(counts):
+        for k in range(made, count):
+            write_sources(ws / "sources" / f"site-{k:04d}", quick=True, seed=k)
+        made = count
+        mb = sum(p.stat().st_size for p in (ws / "sources").rglob("*") if p.is_file()) / 2**20
+        wall, rep = _prep(ws, 1)
+        records = sum(rep["split"][s] for s in ("train", "val", "test"))
+        rows.append(f"| {count} | {mb:.1f} | {rep['dedup']['input']} | {records} | {wall:.1f} | {rep['seconds']['dedup']:.1f} "
+                    f"| {rep['dedup']['exact_jaccard_checks']} | {rep['peak_rss_mb']:.0f} |")
+    shutil.rmtree(ws)
+    return ["Peak memory against corpus size (1 worker; records are spooled to disk between the steps, so memory "
+            "holds per-record signatures and bookkeeping, plus dedup's candidate pairs):", "",
+            "| sites | source MB | records made | records out | wall s | dedup s | exact Jaccard checks | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 if __name__ == "__main__":

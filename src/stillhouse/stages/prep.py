@@ -11,7 +11,8 @@
               short, mostly symbols or repetitive dropped, each reason counted.
     records   documents -> sections of about `chunk_chars` -> "What does the <title> say about <heading>?";
               table rows -> one record each (rows without an answer -> unlabeled, for the teacher).
-    dedup     exact (normalized text hash) and near (MinHash LSH, every pair verified by exact Jaccard).
+    dedup     exact (normalized text hash) and near (MinHash LSH, verified by exact Jaccard; clusters, not
+              pair lists, so a template filled in a thousand times is cheap).
     pii       rule spans (stillhouse.pii) + an optional local NER model's (`pii_model`, stillhouse.pii_model);
               masked / pseudonymized / kept per kind, or the record dropped, per `pii_action`; originals of
               kept records only in data/pii_private.json.
@@ -23,6 +24,10 @@
     docqa     with `prep.document_qa.enabled`: the teacher writes questions each document section answers and
               answers them from it (stillhouse.docqa); ungrounded pairs dropped; a pair joins its section's group.
     split     train/val/test, seeded, stratified by label; similar records never straddle two splits.
+
+Records stream: once made (second pass over the cached extractions) they live in a spool file in data/resume/
+and memory holds their offsets and a few small fields (dedup key, signature, task, split group); the masked
+records go to a second spool, and the outputs are written from it.
 
 Outputs in data/: train.jsonl, val.jsonl, test.jsonl, review.csv + review.html (a stratified sample with
 the reason each record was kept), report.json, pii_private.json,
