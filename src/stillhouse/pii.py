@@ -733,8 +733,7 @@ def _find_addresses_cased(text: str) -> list[Span]:
 
 
 _SENTENCE_WORDS = frozenset("in on at by for to of and or the an from with than per is are was were".split())
-_MONTH_WORDS = frozenset("January February March April May June July August September October November December "
-                         "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec".split())
+_MONTH_WORD = re.compile(_MONTHS)
 _MONTH_AFTER = re.compile(rf"[ \t]+{_MONTHS}\b")
 
 
@@ -743,7 +742,7 @@ def _no_street(value: str, text: str, end: int, gaz: "_Gazetteers") -> bool:
     "Berlin by 5"), a weekday or month ("on Monday 5", "Friday 12 June"), or one English word that is no street
     word ("Gate 12", "Level 3", "Floor 3"). A Roman "I" is no sentence word there: "Jihovýchodní I 38"."""
     words = re.findall(r"[^\W\d_][\w'\-]*", value)
-    return (any(w in _SENTENCE_WORDS or (w in _NOT_PLACE and w != "I") or w in _MONTH_WORDS for w in words)
+    return (any(w in _SENTENCE_WORDS or (w in _NOT_PLACE and w != "I") or _MONTH_WORD.fullmatch(w) for w in words)
             or bool(_MONTH_AFTER.match(text, end))
             or (len(words) == 1 and words[0].lower() in gaz.english and words[0] not in _STREET_WORDS))
 

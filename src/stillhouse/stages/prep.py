@@ -47,6 +47,7 @@ import fnmatch
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from stillhouse import pii, register, reident, textproc
 from stillhouse.config import SENSITIVITY_LEVELS, Config, TableMapping
@@ -208,12 +210,19 @@ class _Lazy(Sequence):
         return self.get(i)
 
 
-def _meta(item: _Item) -> tuple[str, str, bool, str]:
-    """What the split, the task counts and the review sample need of a record, kept in memory:
-    (task, label -- a classification record's answer, the split's stratum --, labeled, file suffix)."""
+class _Meta(NamedTuple):
+    """What the split, the task counts and the review sample need of a record, kept in memory."""
+
+    task: str
+    label: str  # a labeled classification record's answer (the split's stratum), else ""
+    labeled: bool
+    suffix: str  # its file's type, for the review sample's strata
+
+
+def _meta(item: _Item) -> _Meta:
     rec = item.record
     label = rec["messages"][-1]["content"] if rec["task"] == "classification" and item.labeled else ""
-    return (sys.intern(rec["task"]), sys.intern(label), item.labeled, sys.intern(Path(rec["source"]["file"]).suffix.lower()))
+    return _Meta(sys.intern(rec["task"]), sys.intern(label), item.labeled, sys.intern(Path(rec["source"]["file"]).suffix.lower()))
 
 
 # ================================================================================================== run
@@ -347,7 +356,7 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
     detector = _pii_detector(cfg)  # prep.pii_model's, if any: its spans are merged with the rules' in _apply_pii
     masked = _Spool(out / "resume" / "masked.jsonl")
     private = _Spool(out / "resume" / "pii_private.jsonl", raw=True)  # the originals, for pii_private.json
-    meta: list[tuple] = []  # per masked record: (task, label for the split's strata, labeled, file suffix)
+    meta: list[_Meta] = []  # per masked record
     live: list[int] = []  # the masked records that go on, in order (positions in `masked`)
     live_groups: list[int] = []
     pii_counts: dict[str, int] = {}
@@ -430,12 +439,11 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
     splits = _split([meta[p] for p in live], groups, pc.val_fraction, pc.test_fraction, pc.seed)
     tasks: dict[str, dict[str, int]] = {}
     for p, s in zip(live, splits):
-        task, _label, is_labeled, _suffix = meta[p]
-        counts = tasks.setdefault(task, {"train": 0, "val": 0, "test": 0, "unlabeled": 0})
+        counts = tasks.setdefault(meta[p].task, {"train": 0, "val": 0, "test": 0, "unlabeled": 0})
         counts[s] += 1
-        counts["unlabeled"] += 0 if is_labeled else 1
+        counts["unlabeled"] += 0 if meta[p].labeled else 1
     report["split"] = {name: splits.count(name) for name in ("train", "val", "test")}
-    report["split"]["unlabeled_in_train"] = sum(1 for p in live if not meta[p][2])
+    report["split"]["unlabeled_in_train"] = sum(1 for p in live if not meta[p].labeled)
     report["tasks"] = tasks
 
     # 7b: general-purpose data (stillhouse.general): a share of train, and held-out records in test ------
@@ -459,18 +467,14 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
 
     # 9: outputs, streamed from the spool -------------------------------------------------------------------
     per_source: dict[str, int] = {}
+
+    def split_records(name: str):
+        for rec in itertools.chain((masked[p].record for p, s in zip(live, splits) if s == name), extra[name]):
+            per_source[rec["source"]["file"]] = per_source.get(rec["source"]["file"], 0) + 1
+            yield rec
+
     for name in ("train", "val", "test"):
-        def records(name=name):
-            for p in (p for p, s in zip(live, splits) if s == name):
-                yield masked[p].record
-            yield from extra[name]
-
-        def counted(recs):
-            for rec in recs:
-                per_source[rec["source"]["file"]] = per_source.get(rec["source"]["file"], 0) + 1
-                yield rec
-
-        write_jsonl(out / f"{name}.jsonl", counted(records()))
+        write_jsonl(out / f"{name}.jsonl", split_records(name))
     report["data_use"] = register.write_register(out / "register.md", pc.data_use, declared, run_.inputs, per_source)
     with atomic_writer(out / "pii_private.json") as f:  # the only place originals are written
         f.write(b"[")
@@ -486,7 +490,7 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
     # the extraction cache and the spools hold the text before PII masking: they exist only while a run may resume
     shutil.rmtree(out / "resume", ignore_errors=True)
 
-    n_train, n_val, n_test = (sum(1 for s in splits if s == name) + len(extra[name]) for name in ("train", "val", "test"))
+    n_train, n_val, n_test = (report["split"][name] + len(extra[name]) for name in ("train", "val", "test"))
     metrics = {
         "files": len(files), "quarantined": len(quarantined), "records": len(live),
         "train": n_train, "val": n_val, "test": n_test,
@@ -508,7 +512,7 @@ def run(cfg: Config, sources: list[str] | None = None) -> dict:
 # ========================================================================================== document QA
 
 
-def _document_qa(cfg: Config, masked: "_Spool", meta: list[tuple], live: list[int], groups: list[int], cache: Path,
+def _document_qa(cfg: Config, masked: _Spool, meta: list[_Meta], live: list[int], groups: list[int], cache: Path,
                  actions: dict[str, str], key: bytes | None) -> tuple[list[int], list[int], dict]:
     """prep.document_qa: the teacher's grounded QA pairs from every document section (stillhouse.docqa). A pair
     joins its section's dedup group, so it lands in the same split (no leak through a paraphrase); its text is
@@ -522,7 +526,7 @@ def _document_qa(cfg: Config, masked: "_Spool", meta: list[tuple], live: list[in
     from stillhouse.ui import progress_bar
 
     dq = cfg.prep.document_qa
-    is_section = [meta[p][0] == "text" and meta[p][2] for p in live]
+    is_section = [meta[p].task == "text" and meta[p].labeled for p in live]
     sections = [(p, g) for p, g, sec in zip(live, groups, is_section) if sec]
     src = resolve_model(cfg.teacher.model, cfg.workspace, cfg.teacher.sha256)  # the base teacher: adapt comes later
     gate = license_decision(detect_license(src)["license"], cfg.license)
@@ -1398,8 +1402,8 @@ def _pii_key(cfg: Config) -> bytes:
 # =============================================================================================== split
 
 
-def _split(meta: list[tuple], groups: list[int], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
-    """A split name per record (`meta`: its _meta tuple). Unlabeled records -> train (the teacher labels them). Labeled records are
+def _split(meta: list[_Meta], groups: list[int], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
+    """A split name per record (`meta`: what is known of it). Unlabeled records -> train (the teacher labels them). Labeled records are
     assigned per task by whole groups (similar records stay together), walking the groups stratum by stratum
     -- (task, label) for classification -- and sending a group to test/val whenever the running share owed to
     that split reaches one record. That keeps every label in proportion where it can be, and still gives
@@ -1407,12 +1411,11 @@ def _split(meta: list[tuple], groups: list[int], val_fraction: float, test_fract
     out = ["train"] * len(meta)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
-        if meta[i][2]:  # labeled
+        if meta[i].labeled:
             members.setdefault(g, []).append(i)
     strata: dict[str, dict[str, list[list[int]]]] = {}  # task -> label -> groups
     for idx in members.values():
-        task, label, *_ = meta[idx[0]]
-        strata.setdefault(task, {}).setdefault(label, []).append(sorted(idx))
+        strata.setdefault(meta[idx[0]].task, {}).setdefault(meta[idx[0]].label, []).append(sorted(idx))
     rng = random.Random(seed)
     for task in sorted(strata):
         labels = sorted(strata[task])
@@ -1452,7 +1455,7 @@ def _review_sample(kinds: list[tuple[str, str]], n: int, seed: int) -> list[int]
     return sorted(pick)
 
 
-def _write_review(out: Path, masked: _Spool, meta: list[tuple], live: list[int], splits: list[str],
+def _write_review(out: Path, masked: _Spool, meta: list[_Meta], live: list[int], splits: list[str],
                   risk: dict[int, str], pc, report: dict) -> None:
     """data/review.csv and data/review.html: a stratified random sample for a person to read before training --
     where each record came from, why it was kept, how sensitive it is, which PII kinds were replaced, and the
@@ -1462,7 +1465,7 @@ def _write_review(out: Path, masked: _Spool, meta: list[tuple], live: list[int],
     actions = _pii_actions(pc.pii_action)
     rows = []
     at_risk = [i for i, p in enumerate(live) if p in risk][: pc.review_sample_size]  # first, then the sample
-    sample = _review_sample([(meta[p][0], meta[p][3]) for p in live], pc.review_sample_size, pc.seed)
+    sample = _review_sample([(meta[p].task, meta[p].suffix) for p in live], pc.review_sample_size, pc.seed)
     for i in at_risk + [i for i in sample if live[i] not in risk]:
         it = masked[live[i]]
         rec, why_risk = it.record, risk.get(live[i], "")
